@@ -1,0 +1,130 @@
+#include "base/thread_pool.h"
+
+#include <algorithm>
+#include <exception>
+
+#include "base/check.h"
+#include "base/env.h"
+#include "base/logging.h"
+
+namespace strata {
+
+struct ThreadPool::Job {
+  const std::function<void(size_t, size_t)>* fn;
+  size_t n;
+  size_t chunks;
+  std::atomic<size_t> next_chunk{0};
+  std::atomic<size_t> done_chunks{0};
+  std::mutex error_mu;
+  std::exception_ptr error;  // guarded by error_mu; the first exception thrown by fn
+  ThreadPool* pool;
+};
+
+ThreadPool::ThreadPool(int num_threads) {
+  STRATA_CHECK_GE(num_threads, 1);
+  workers_.reserve(static_cast<size_t>(num_threads - 1));
+  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  STRATA_CHECK_MSG(!busy_.load(), "ThreadPool destroyed during ParallelFor");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  work_cv_.notify_all();
+  for (std::thread& t : workers_) t.join();
+}
+
+void ThreadPool::RunChunks(Job& job) {
+  // Balanced split without computing c * n (which could overflow): the first n % chunks chunks
+  // get one extra item.
+  const size_t base = job.n / job.chunks;
+  const size_t extra = job.n % job.chunks;
+  while (true) {
+    size_t c = job.next_chunk.fetch_add(1, std::memory_order_relaxed);
+    if (c >= job.chunks) return;
+    size_t begin = c * base + std::min(c, extra);
+    size_t end = begin + base + (c < extra ? 1 : 0);
+    try {
+      (*job.fn)(begin, end);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(job.error_mu);
+      if (!job.error) job.error = std::current_exception();
+    }
+    if (job.done_chunks.fetch_add(1, std::memory_order_acq_rel) + 1 == job.chunks) {
+      // Taking the pool mutex orders this notify after the caller's predicate check, so the
+      // wake-up cannot be lost.
+      std::lock_guard<std::mutex> lock(job.pool->mu_);
+      job.pool->done_cv_.notify_one();
+    }
+  }
+}
+
+void ThreadPool::WorkerLoop() {
+  uint64_t seen = 0;
+  while (true) {
+    std::shared_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      job = job_;
+    }
+    if (job) RunChunks(*job);
+  }
+}
+
+void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t, size_t)>& fn,
+                             size_t min_chunk) {
+  if (n == 0) return;
+  min_chunk = std::max<size_t>(min_chunk, 1);
+  const size_t chunks = std::clamp<size_t>(n / min_chunk, 1, static_cast<size_t>(size()));
+  if (chunks == 1) {
+    fn(0, n);
+    return;
+  }
+  STRATA_CHECK_MSG(!busy_.exchange(true, std::memory_order_acquire),
+                   "ThreadPool::ParallelFor called while another ParallelFor runs on this pool "
+                   "(nested, or from two threads)");
+  auto job = std::make_shared<Job>();
+  job->fn = &fn;
+  job->n = n;
+  job->chunks = chunks;
+  job->pool = this;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    job_ = job;
+    ++generation_;
+  }
+  work_cv_.notify_all();
+  RunChunks(*job);
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return job->done_chunks.load(std::memory_order_acquire) == chunks; });
+    job_.reset();
+  }
+  busy_.store(false, std::memory_order_release);
+  // Every chunk has finished, so no other thread touches job->error any more.
+  if (job->error) std::rethrow_exception(job->error);
+}
+
+ThreadPool& ThreadPool::Default() {
+  static ThreadPool* pool = [] {
+    int64_t threads = 0;
+    StatusOr<int64_t> env = EnvInt("STRATA_NUM_THREADS");
+    if (!env.ok() || *env < 0 || *env > 4096) {
+      STRATA_LOG(
+          WARN, BASE, "ignoring STRATA_NUM_THREADS: {}; using hardware concurrency",
+          env.ok() ? fmt::format("{} is out of range [0, 4096]", *env) : env.status().message());
+    } else {
+      threads = *env;
+    }
+    if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+    return new ThreadPool(static_cast<int>(threads));
+  }();
+  return *pool;
+}
+
+}  // namespace strata

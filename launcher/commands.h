@@ -1,0 +1,23 @@
+// Subcommands of the `strata` binary. Each Add* registers its CLI11 subcommand and the function
+// main() runs when that subcommand was chosen.
+#pragma once
+
+#include <functional>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+namespace strata::launcher {
+
+struct Command {
+  CLI::App* app;
+  std::function<int()> run;  // process exit code
+};
+
+void AddInfoCommand(CLI::App& root, std::vector<Command>& commands);
+void AddBenchCommands(CLI::App& root, std::vector<Command>& commands);
+
+// Writes `data` to `path` as temp + fsync + rename, so a crash never leaves half a file.
+bool WriteFileAtomically(const std::string& path, const std::string& data, std::string* error);
+
+}  // namespace strata::launcher

@@ -1,0 +1,107 @@
+// Reduce kernels against a scalar reference computed in double and rounded once.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "base/dtype.h"
+#include "kernels/reduce.h"
+
+namespace strata::kernels {
+namespace {
+
+// Random values of the dtype, as raw bytes, plus their float values.
+std::vector<uint8_t> RandomBuffer(DType dt, size_t n, std::mt19937& rng) {
+  std::uniform_real_distribution<float> dist(-100.0f, 100.0f);
+  std::vector<float> f(n);
+  for (float& x : f) x = dist(rng);
+  std::vector<uint8_t> out(n * DTypeSize(dt));
+  ConvertBuffer(f.data(), DType::kF32, out.data(), dt, n);
+  return out;
+}
+
+double ValueAt(const std::vector<uint8_t>& b, DType dt, size_t i) {
+  switch (dt) {
+    case DType::kF32: { float v; std::memcpy(&v, &b[i * 4], 4); return v; }
+    case DType::kBF16: { uint16_t v; std::memcpy(&v, &b[i * 2], 2); return BF16ToF32(v); }
+    case DType::kF16: { uint16_t v; std::memcpy(&v, &b[i * 2], 2); return F16ToF32(v); }
+    case DType::kI8: return static_cast<int8_t>(b[i]);
+    case DType::kI32: { int32_t v; std::memcpy(&v, &b[i * 4], 4); return v; }
+    case DType::kI64: { int64_t v; std::memcpy(&v, &b[i * 8], 8); return static_cast<double>(v); }
+  }
+  return 0;
+}
+
+// The expected element: exact combination, rounded to the dtype once (like the kernel, which
+// widens halves to f32 where the sum of two halves is exact).
+std::vector<uint8_t> Expected(const std::vector<uint8_t>& a, const std::vector<uint8_t>& b,
+                              DType dt, ReduceOp op, size_t n) {
+  std::vector<uint8_t> out(a.size());
+  for (size_t i = 0; i < n; ++i) {
+    const double x = ValueAt(a, dt, i), y = ValueAt(b, dt, i);
+    const double r = op == ReduceOp::kSum ? x + y : std::max(x, y);
+    uint8_t* dst = &out[i * DTypeSize(dt)];
+    switch (dt) {
+      case DType::kF32: { float v = static_cast<float>(r); std::memcpy(dst, &v, 4); break; }
+      case DType::kBF16: { uint16_t v = F32ToBF16(static_cast<float>(r)); std::memcpy(dst, &v, 2); break; }
+      case DType::kF16: { uint16_t v = F32ToF16(static_cast<float>(r)); std::memcpy(dst, &v, 2); break; }
+      case DType::kI8: { int8_t v = static_cast<int8_t>(static_cast<uint8_t>(static_cast<int64_t>(r))); std::memcpy(dst, &v, 1); break; }
+      case DType::kI32: { int32_t v = static_cast<int32_t>(static_cast<uint32_t>(static_cast<int64_t>(r))); std::memcpy(dst, &v, 4); break; }
+      case DType::kI64: { int64_t v = static_cast<int64_t>(r); std::memcpy(dst, &v, 8); break; }
+    }
+  }
+  return out;
+}
+
+class ReduceTest : public ::testing::TestWithParam<std::tuple<DType, ReduceOp, size_t>> {};
+
+TEST_P(ReduceTest, MatchesScalarReference) {
+  const auto [dt, op, n] = GetParam();
+  std::mt19937 rng(static_cast<unsigned>(n) * 7 + static_cast<unsigned>(dt));
+  const std::vector<uint8_t> a = RandomBuffer(dt, n, rng);
+  const std::vector<uint8_t> b = RandomBuffer(dt, n, rng);
+  const std::vector<uint8_t> want = Expected(a, b, dt, op, n);
+
+  std::vector<uint8_t> into = a;
+  ReduceInto(into.data(), b.data(), n, dt, op);
+  EXPECT_EQ(into, want) << DTypeName(dt) << " " << ReduceOpName(op) << " n=" << n
+                        << " isa=" << ReduceIsa();
+
+  std::vector<uint8_t> two(a.size(), 0xAB);
+  Reduce2(two.data(), a.data(), b.data(), n, dt, op);
+  EXPECT_EQ(two, want);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    AllTypes, ReduceTest,
+    ::testing::Combine(::testing::Values(DType::kF32, DType::kBF16, DType::kF16, DType::kI8,
+                                         DType::kI32, DType::kI64),
+                       ::testing::Values(ReduceOp::kSum, ReduceOp::kMax),
+                       // Sizes around vector widths so every tail path runs.
+                       ::testing::Values(0, 1, 7, 15, 16, 17, 33, 64, 1000, 4099)));
+
+TEST(Reduce, IntegerSumWrapsInsteadOfUndefinedBehaviour) {
+  int32_t a[1] = {INT32_MAX};
+  const int32_t b[1] = {1};
+  ReduceInto(a, b, 1, DType::kI32, ReduceOp::kSum);
+  EXPECT_EQ(a[0], INT32_MIN);
+}
+
+TEST(Reduce, Bf16SumRoundsToNearestEven) {
+  // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1+2^-7: ties to even gives 1.
+  uint16_t a[1] = {F32ToBF16(1.0f)};
+  const uint16_t b[1] = {F32ToBF16(std::ldexp(1.0f, -8))};
+  ReduceInto(a, b, 1, DType::kBF16, ReduceOp::kSum);
+  EXPECT_EQ(a[0], 0x3F80);
+}
+
+TEST(Reduce, ParseOp) {
+  EXPECT_EQ(*ParseReduceOp("sum"), ReduceOp::kSum);
+  EXPECT_EQ(*ParseReduceOp("max"), ReduceOp::kMax);
+  EXPECT_EQ(ParseReduceOp("avg").status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace strata::kernels
