@@ -83,6 +83,7 @@ Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_
   // next[s]: the next rank to fold into segment s. Rank 0 and rank 1 are combined first
   // (Reduce2), then ranks 2..N-1 in order: a fixed association, whatever the arrival order.
   std::vector<int> next(nseg, 1);
+  size_t next_send = 0;
   std::vector<Request> sends;
   sends.reserve(nseg * static_cast<size_t>(n - 1));
   size_t outstanding = nseg * static_cast<size_t>(n - 1);
@@ -100,13 +101,17 @@ Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_
       }
       ++next[s];
     }
-    if (next[s] == n) {
-      ++next[s];  // sent: never again
+    // Results go back strictly in segment order: receives complete out of order under MPI's
+    // rendezvous protocol (a small last segment overtakes big ones), but every transport matches
+    // messages from one sender in the order they were sent.
+    while (next_send < nseg && next[next_send] == n) {
       for (int r = 0; r < n; ++r) {
         if (r == me) continue;
-        STRATA_ASSIGN_OR_RETURN(Request req, t.Isend(r, dst, seg_len(s), kTagStarDown));
+        STRATA_ASSIGN_OR_RETURN(Request req, t.Isend(r, Bytes(a.out) + seg_off(next_send),
+                                                     seg_len(next_send), kTagStarDown));
         sends.push_back(req);
       }
+      ++next_send;
     }
     return Status::OK();
   };

@@ -5,6 +5,7 @@
 
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <random>
@@ -203,20 +204,27 @@ TEST(TcpCollectives, StarReducesInFixedRankOrderBitwise) {
 }
 
 // The emulated delay must really be paid per hop: star 2 hops, ring 2(N-1), whatever the speed
-// of the machine (these are lower bounds, not performance thresholds).
+// of the machine (these are lower bounds, not performance thresholds). Every rank's result
+// depends on a chain of that many messages, the first sent no earlier than the earliest start,
+// so the bound holds from the earliest start of any rank (ranks share CLOCK_MONOTONIC here).
 TEST(TcpCollectives, EmulatedDelayIsPaidPerHop) {
   const int n = 3;
   const int64_t delay_us = 20000;
   ProcessGroup group(n, Loopback(delay_us), Config(20000), [&](Communicator& c) -> ChildResult {
     if (c.emulated_delay_us() != delay_us) return Fail(Status::Internal("delay not reported"));
     float x[16] = {};
-    for (Algorithm algo : {Algorithm::kStar, Algorithm::kRing}) {
+    for (Algorithm algo : {Algorithm::kStar, Algorithm::kRing, Algorithm::kTree}) {
       CollectiveOptions o;
       o.algorithm = algo;
-      const int64_t t0 = NowNs();
+      int64_t t0 = NowNs();
       if (Status st = c.Allreduce(x, x, 16, DType::kF32, o); !st.ok()) return Fail(st);
-      const int64_t us = (NowNs() - t0) / 1000;
-      const int64_t hops = algo == Algorithm::kStar ? (c.rank() == 0 ? 1 : 2) : 2 * (n - 1);
+      const int64_t t1 = NowNs();
+      std::vector<int64_t> starts(n);
+      if (Status st = c.Allgather(&t0, starts.data(), sizeof(t0)); !st.ok()) return Fail(st);
+      const int64_t us = (t1 - *std::min_element(starts.begin(), starts.end())) / 1000;
+      // Star and tree over 3 ranks: one hop up to rank 0 and one back down (rank 0 only waits
+      // for the way up); ring: 2(N-1) steps for everyone.
+      const int64_t hops = algo == Algorithm::kRing ? 2 * (n - 1) : (c.rank() == 0 ? 1 : 2);
       if (us < hops * delay_us) {
         return Fail(Status::Internal(fmt::format("{} took {} us < {} hops x {} us",
                                                  comm::AlgorithmName(algo), us, hops, delay_us)));

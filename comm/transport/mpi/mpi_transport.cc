@@ -77,7 +77,10 @@ class MpiTransport final : public Transport {
     MPI_Comm_size(comm_, &size_);
   }
   ~MpiTransport() override {
-    if (comm_ != MPI_COMM_NULL && !Finalized()) MPI_Comm_free(&comm_);
+    // After an abort, unmatched messages may still be in flight on this communicator. Freeing it
+    // would let MPI hand its context to the next MPI_Comm_dup, where those stale messages could
+    // match new receives; a broken group's communicator is deliberately leaked instead.
+    if (comm_ != MPI_COMM_NULL && health_.ok() && !Finalized()) MPI_Comm_free(&comm_);
   }
 
   int rank() const override { return rank_; }
