@@ -47,7 +47,8 @@ ChildResult Fail(Status st) { return {std::move(st), NowNs()}; }
 
 void ExpectAllOk(const std::vector<ChildReport>& reports) {
   for (size_t r = 0; r < reports.size(); ++r) {
-    EXPECT_EQ(reports[r].exit_code, 0) << "rank " << r << ": " << reports[r].message;
+    EXPECT_EQ(reports[r].exit_code, 0) << "rank " << r << " (signal " << reports[r].term_signal
+                                       << "): " << reports[r].message;
   }
 }
 

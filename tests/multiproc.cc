@@ -52,6 +52,7 @@ ProcessGroup::ProcessGroup(int n, comm::tcp::TcpOptions tcp, comm::CommConfig co
         res.event_ns = NowNs();
       } else {
         res = body(**c);
+        c->reset();  // orderly close, as a real program ending main() would do
       }
       w.status_code = static_cast<int32_t>(res.status.code());
       w.event_ns = res.event_ns;
