@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs strata's build and test dependencies from Debian's packages: only what is missing,
+# so running it again is quick and changes nothing. Needs root (or sudo).
+#   scripts/install-deps.sh            build + test dependencies
+#   scripts/install-deps.sh --bench    also what the benchmark plots and namespace clusters need
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config git
+  libopenmpi-dev openmpi-bin
+  libucx-dev ucx-utils
+  librocksdb-dev libprotobuf-dev protobuf-compiler
+  libbenchmark-dev libgtest-dev
+  libisal-dev libopenblas-dev
+  nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
+  libsentencepiece-dev sentencepiece
+  iproute2
+)
+if [[ "${1:-}" == "--bench" ]]; then
+  packages+=(python3-matplotlib python3-numpy)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if [[ ${#missing[@]} -eq 0 ]]; then
+  echo "install-deps: all ${#packages[@]} packages already installed"
+  exit 0
+fi
+
+SUDO=""
+if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+echo "install-deps: done"
