@@ -97,6 +97,42 @@ TEST(Reduce, Bf16SumRoundsToNearestEven) {
   EXPECT_EQ(a[0], 0x3F80);
 }
 
+// Infinities, NaNs (quiet and signalling payloads), signed zeros and subnormals through the
+// vector and tail paths of the half-precision kernels, bit for bit against base's conversions.
+TEST(Reduce, HalfPrecisionSpecialValuesMatchScalarConversions) {
+  const std::vector<uint16_t> specials_bf16 = {0x7F80, 0xFF80, 0x7FC0, 0x7F81, 0xFFC1, 0x0000,
+                                               0x8000, 0x0001, 0x8001, 0x7F7F, 0xFF7F, 0x3F80};
+  const std::vector<uint16_t> specials_f16 = {0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFE01, 0x0000,
+                                              0x8000, 0x0001, 0x8001, 0x7BFF, 0xFBFF, 0x3C00};
+  for (DType dt : {DType::kBF16, DType::kF16}) {
+    const auto& sp = dt == DType::kBF16 ? specials_bf16 : specials_f16;
+    std::vector<uint16_t> a, b;
+    for (uint16_t x : sp) {
+      for (uint16_t y : sp) {
+        a.push_back(x);
+        b.push_back(y);
+      }
+    }
+    for (ReduceOp op : {ReduceOp::kSum, ReduceOp::kMax}) {
+      std::vector<uint16_t> got = a;
+      ReduceInto(got.data(), b.data(), a.size(), dt, op);
+      for (size_t i = 0; i < a.size(); ++i) {
+        const float x = dt == DType::kBF16 ? BF16ToF32(a[i]) : F16ToF32(a[i]);
+        const float y = dt == DType::kBF16 ? BF16ToF32(b[i]) : F16ToF32(b[i]);
+        const float r = op == ReduceOp::kSum ? x + y : (x > y ? x : y);
+        const uint16_t want = dt == DType::kBF16 ? F32ToBF16(r) : F32ToF16(r);
+        if (std::isnan(r)) {
+          const float g = dt == DType::kBF16 ? BF16ToF32(got[i]) : F16ToF32(got[i]);
+          EXPECT_TRUE(std::isnan(g)) << DTypeName(dt) << " " << i;
+        } else {
+          EXPECT_EQ(got[i], want) << DTypeName(dt) << " " << ReduceOpName(op) << " a=" << a[i]
+                                  << " b=" << b[i];
+        }
+      }
+    }
+  }
+}
+
 TEST(Reduce, ParseOp) {
   EXPECT_EQ(*ParseReduceOp("sum"), ReduceOp::kSum);
   EXPECT_EQ(*ParseReduceOp("max"), ReduceOp::kMax);
