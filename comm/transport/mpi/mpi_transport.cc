@@ -1,5 +1,6 @@
 #include "comm/transport/mpi/mpi_transport.h"
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
 #include <set>
@@ -108,15 +109,9 @@ class MpiTransport final : public Transport {
   }
 
   StatusOr<size_t> WaitAny(std::span<Request> requests, const Deadline& deadline) override {
-    bool any = false;
-    for (Request r : requests) any |= r != kNullRequest;
-    if (!any) return Status::InvalidArgument("mpi: WaitAny on no active request");
     while (true) {
-      for (size_t i = 0; i < requests.size(); ++i) {
-        if (requests[i] == kNullRequest) continue;
-        STRATA_ASSIGN_OR_RETURN(bool done, TestOne(&requests[i]));
-        if (done) return i;
-      }
+      STRATA_ASSIGN_OR_RETURN(size_t first, TestSome(requests, /*at_most_one=*/true));
+      if (first != kNone) return first;
       if (deadline.expired()) return Timeout(requests);
     }
   }
@@ -124,12 +119,9 @@ class MpiTransport final : public Transport {
   Status WaitAll(std::span<Request> requests, const Deadline& deadline) override {
     while (true) {
       bool pending = false;
-      for (Request& r : requests) {
-        if (r == kNullRequest) continue;
-        STRATA_ASSIGN_OR_RETURN(bool done, TestOne(&r));
-        pending |= !done;
-      }
+      for (Request r : requests) pending |= r != kNullRequest;
       if (!pending) return Status::OK();
+      if (StatusOr<size_t> r = TestSome(requests); !r.ok()) return r.status();
       if (deadline.expired()) return Timeout(requests);
     }
   }
@@ -195,25 +187,56 @@ class MpiTransport final : public Transport {
     return s;
   }
 
-  StatusOr<bool> TestOne(Request* r) {
-    Slot& s = slots_[*r];
-    int done = 0;
-    MPI_Status st;
-    STRATA_RETURN_IF_ERROR(STRATA_MPI(MPI_Test(&s.req, &done, &st)));
-    if (!done) return false;
-    if (s.is_recv) {
-      int count = 0;
-      MPI_Get_count(&st, MPI_BYTE, &count);
-      if (static_cast<size_t>(count) != s.bytes) {
-        return Status::Internal("mpi: message from rank " + std::to_string(s.peer) + " has " +
-                                std::to_string(count) + " bytes, expected " +
-                                std::to_string(s.bytes) + ": ranks called different operations");
-      }
+  static constexpr size_t kNone = static_cast<size_t>(-1);
+
+  // One MPI_Testsome over every active request: a single pass of MPI's progress engine per
+  // poll instead of one per request. Completed requests are set to kNullRequest; returns the
+  // index of the first one completed (kNone if none).
+  StatusOr<size_t> TestSome(std::span<Request> requests, bool at_most_one = false) {
+    mpi_reqs_.clear();
+    positions_.clear();
+    for (size_t i = 0; i < requests.size(); ++i) {
+      if (requests[i] == kNullRequest) continue;
+      mpi_reqs_.push_back(slots_[requests[i]].req);
+      positions_.push_back(i);
     }
-    s.in_use = false;
-    free_.push_back(*r);
-    *r = kNullRequest;
-    return true;
+    if (mpi_reqs_.empty()) return Status::InvalidArgument("mpi: wait on no active request");
+    indices_.resize(mpi_reqs_.size());
+    statuses_.resize(mpi_reqs_.size());
+    int outcount = 0;
+    if (at_most_one) {
+      // WaitAny reports exactly one completion, so it must not complete more than one.
+      int flag = 0;
+      STRATA_RETURN_IF_ERROR(STRATA_MPI(MPI_Testany(static_cast<int>(mpi_reqs_.size()),
+                                                    mpi_reqs_.data(), &indices_[0], &flag,
+                                                    &statuses_[0])));
+      outcount = flag && indices_[0] != MPI_UNDEFINED ? 1 : 0;
+    } else {
+      STRATA_RETURN_IF_ERROR(STRATA_MPI(MPI_Testsome(static_cast<int>(mpi_reqs_.size()),
+                                                     mpi_reqs_.data(), &outcount, indices_.data(),
+                                                     statuses_.data())));
+      if (outcount == MPI_UNDEFINED) outcount = 0;
+    }
+    size_t first = kNone;
+    for (int k = 0; k < outcount; ++k) {
+      const size_t pos = positions_[static_cast<size_t>(indices_[k])];
+      Slot& s = slots_[requests[pos]];
+      s.req = MPI_REQUEST_NULL;
+      if (s.is_recv) {
+        int count = 0;
+        MPI_Get_count(&statuses_[k], MPI_BYTE, &count);
+        if (static_cast<size_t>(count) != s.bytes) {
+          return Status::Internal("mpi: message from rank " + std::to_string(s.peer) + " has " +
+                                  std::to_string(count) + " bytes, expected " +
+                                  std::to_string(s.bytes) + ": ranks called different operations");
+        }
+      }
+      s.in_use = false;
+      free_.push_back(requests[pos]);
+      requests[pos] = kNullRequest;
+      first = std::min(first, pos);
+    }
+    return first;
   }
 
   Status Timeout(std::span<const Request> requests) const {
@@ -234,6 +257,11 @@ class MpiTransport final : public Transport {
   int size_ = 1;
   std::vector<Slot> slots_;
   std::vector<Request> free_;
+  // Reused by TestSome: no allocation per poll.
+  std::vector<MPI_Request> mpi_reqs_;
+  std::vector<size_t> positions_;
+  std::vector<int> indices_;
+  std::vector<MPI_Status> statuses_;
   Status health_;
 };
 
