@@ -60,59 +60,69 @@ StatusOr<std::vector<AllreduceResult>> RunAllreduceBench(const AllreduceBenchOpt
   }
   if (o.iters < 1 || o.warmup < 0) return Status::InvalidArgument("--iters must be >= 1");
   std::vector<AllreduceResult> results;
+  const bool mpi_listed = std::find(o.transports.begin(), o.transports.end(),
+                                    comm::TransportKind::kMpi) != o.transports.end();
   for (comm::TransportKind tk : o.transports) {
     STRATA_ASSIGN_OR_RETURN(std::unique_ptr<comm::Communicator> c,
                             comm::CreateFromMpi(MPI_COMM_WORLD, tk));
+    std::vector<comm::Algorithm> algos;
     for (comm::Algorithm algo : o.algorithms) {
       if (algo == comm::Algorithm::kNative && !c->has_native()) continue;
       // kNative is MPI_Allreduce whichever transport strata's own algorithms use: measure it once.
-      const bool mpi_listed = std::find(o.transports.begin(), o.transports.end(),
-                                        comm::TransportKind::kMpi) != o.transports.end();
       if (algo == comm::Algorithm::kNative && tk == comm::TransportKind::kTcp && mpi_listed) {
         continue;
       }
-      for (size_t bytes : o.sizes_bytes) {
-        const size_t count = bytes / es;
-        AlignedBuffer in(bytes), out(bytes);
-        std::vector<float> fill(count, static_cast<float>(rank + 1));
-        ConvertBuffer(fill.data(), DType::kF32, in.data(), o.dtype, count);
-        comm::CollectiveOptions opts;
-        opts.algorithm = algo;
-        opts.hub = o.hub;
-        if (rank == 0 && o.progress) {
-          std::fprintf(stderr, "  bench allreduce: %-4s %-6s %8zu B x %d iters ...\n",
-                       c->transport_name(), comm::AlgorithmName(algo), bytes, o.iters);
-        }
-        std::vector<double> lat(static_cast<size_t>(o.iters));
-        for (int it = -o.warmup; it < o.iters; ++it) {
-          // Start every iteration together so a late rank's wait is not billed to the algorithm.
+      algos.push_back(algo);
+    }
+    for (size_t bytes : o.sizes_bytes) {
+      const size_t count = bytes / es;
+      AlignedBuffer in(bytes), out(bytes);
+      std::vector<float> fill(count, static_cast<float>(rank + 1));
+      ConvertBuffer(fill.data(), DType::kF32, in.data(), o.dtype, count);
+      if (rank == 0 && o.progress) {
+        std::fprintf(stderr, "  bench allreduce: %-4s %8zu B, %zu algorithms x %d iters ...\n",
+                     c->transport_name(), bytes, algos.size(), o.iters);
+      }
+      // Algorithms take turns within each iteration, so a noisy moment of a shared machine hits
+      // them all alike instead of whichever happened to be measured then.
+      std::vector<std::vector<double>> lat(algos.size(), std::vector<double>(o.iters));
+      for (int it = -o.warmup; it < o.iters; ++it) {
+        for (size_t a = 0; a < algos.size(); ++a) {
+          comm::CollectiveOptions opts;
+          opts.algorithm = algos[a];
+          opts.hub = o.hub;
+          // Start every call together so a late rank's wait is not billed to the algorithm.
           MPI_Barrier(MPI_COMM_WORLD);
           const int64_t t0 = NowNs();
           Status st = c->Allreduce(in.data(), out.data(), count, o.dtype, opts);
           const int64_t t1 = NowNs();
           if (!st.ok()) return st;
-          if (it >= 0) lat[static_cast<size_t>(it)] = static_cast<double>(t1 - t0) / 1000.0;
+          if (it >= 0) lat[a][static_cast<size_t>(it)] = static_cast<double>(t1 - t0) / 1000.0;
+          if (it == o.iters - 1) {
+            STRATA_RETURN_IF_ERROR(CheckResult(out, count, o.dtype, size)
+                                       .WithContext(fmt::format("{} over {}",
+                                                                comm::AlgorithmName(algos[a]),
+                                                                c->transport_name())));
+          }
         }
-        STRATA_RETURN_IF_ERROR(CheckResult(out, count, o.dtype, size)
-                                   .WithContext(fmt::format("{} over {}", comm::AlgorithmName(algo),
-                                                            c->transport_name())));
+      }
+      for (size_t a = 0; a < algos.size(); ++a) {
         // An iteration lasts as long as its slowest rank.
-        std::vector<double> worst(lat.size());
-        MPI_Reduce(lat.data(), worst.data(), static_cast<int>(lat.size()), MPI_DOUBLE, MPI_MAX, 0,
-                   MPI_COMM_WORLD);
-        if (rank == 0) {
-          AllreduceResult r;
-          r.algorithm = comm::AlgorithmName(algo);
-          r.transport = c->transport_name();
-          r.ranks = size;
-          r.nodes = c->topology().num_nodes;
-          r.bytes = bytes;
-          r.latency_us_median = Median(worst);
-          r.latency_us_p99 = Percentile(worst, 0.99);
-          r.latency_us_min = Percentile(worst, 0);
-          r.emulated_link_delay_us = c->emulated_delay_us();
-          results.push_back(r);
-        }
+        std::vector<double> worst(lat[a].size());
+        MPI_Reduce(lat[a].data(), worst.data(), static_cast<int>(worst.size()), MPI_DOUBLE,
+                   MPI_MAX, 0, MPI_COMM_WORLD);
+        if (rank != 0) continue;
+        AllreduceResult r;
+        r.algorithm = comm::AlgorithmName(algos[a]);
+        r.transport = c->transport_name();
+        r.ranks = size;
+        r.nodes = c->topology().num_nodes;
+        r.bytes = bytes;
+        r.latency_us_median = Median(worst);
+        r.latency_us_p99 = Percentile(worst, 0.99);
+        r.latency_us_min = Percentile(worst, 0);
+        r.emulated_link_delay_us = c->emulated_delay_us();
+        results.push_back(r);
       }
     }
   }

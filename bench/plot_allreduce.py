@@ -25,14 +25,18 @@ def main():
     series = {}
     delays = set()
     ranks = set()
+    docs = []
     for path in args.inputs:
         try:
             with open(path) as f:
-                doc = json.load(f)
+                docs.append(json.load(f))
         except (OSError, ValueError) as e:
             sys.exit(f"plot_allreduce: cannot read {path}: {e}")
+    all_ranks = {r["ranks"] for d in docs for r in d.get("results", [])}
+    for doc in docs:
         for r in doc.get("results", []):
-            key = f'{r["algorithm"]} ({r["transport"]})'
+            key = f'{r["algorithm"]} ({r["transport"]}'
+            key += f', {r["ranks"]} ranks)' if len(all_ranks) > 1 else ")"
             series.setdefault(key, []).append((r["bytes"], r["latency_us_median"], r["latency_us_p99"]))
             ranks.add(r["ranks"])
             if r["transport"] == "tcp" and r.get("emulated_link_delay_us", 0):

@@ -267,6 +267,8 @@ StatusOr<tcp::TcpOptions> TcpOptionsFromEnv() {
   o.ifname = EnvString("STRATA_TCP_IFNAME");
   STRATA_ASSIGN_OR_RETURN(o.link_delay_us, EnvInt("STRATA_LINK_DELAY_US"));
   if (o.link_delay_us < 0) return Status::InvalidArgument("STRATA_LINK_DELAY_US must be >= 0");
+  STRATA_ASSIGN_OR_RETURN(o.spin_us, EnvInt("STRATA_TCP_SPIN_US"));
+  if (o.spin_us < 0) return Status::InvalidArgument("STRATA_TCP_SPIN_US must be >= 0");
   return o;
 }
 

@@ -7,7 +7,9 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sched.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -151,8 +153,9 @@ StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& s) {
 
 class TcpTransport final : public Transport {
  public:
-  TcpTransport(int rank, int size, int64_t delay_us)
-      : rank_(rank), size_(size), delay_ns_(delay_us * 1000), peers_(size) {}
+  TcpTransport(int rank, int size, int64_t delay_us, int64_t spin_us)
+      : rank_(rank), size_(size), delay_ns_(delay_us * 1000), spin_ns_(spin_us * 1000),
+        peers_(size) {}
 
   ~TcpTransport() override { Close(); }
 
@@ -315,6 +318,7 @@ class TcpTransport final : public Transport {
   }
 
   StatusOr<size_t> WaitAny(std::span<Request> requests, const Deadline& deadline) override {
+    const int64_t spin_until = NowNs() + spin_ns_;
     while (true) {
       bool any = false;
       int64_t next_ready = INT64_MAX;
@@ -332,11 +336,12 @@ class TcpTransport final : public Transport {
         next_ready = std::min(next_ready, rs.ready_at_ns);
       }
       if (!any) return Status::InvalidArgument("tcp: WaitAny on no active request");
-      STRATA_RETURN_IF_ERROR(PollOnce(requests, deadline, next_ready));
+      STRATA_RETURN_IF_ERROR(PollOnce(requests, deadline, next_ready, spin_until));
     }
   }
 
   Status WaitAll(std::span<Request> requests, const Deadline& deadline) override {
+    const int64_t spin_until = NowNs() + spin_ns_;
     while (true) {
       bool pending = false;
       int64_t next_ready = INT64_MAX;
@@ -352,7 +357,7 @@ class TcpTransport final : public Transport {
         if (rs.done) next_ready = std::min(next_ready, rs.ready_at_ns);
       }
       if (!pending) return Status::OK();
-      STRATA_RETURN_IF_ERROR(PollOnce(requests, deadline, next_ready));
+      STRATA_RETURN_IF_ERROR(PollOnce(requests, deadline, next_ready, spin_until));
     }
   }
 
@@ -437,9 +442,15 @@ class TcpTransport final : public Transport {
     p.target = kNullRequest;
   }
 
-  void PeerBroke(int peer, Status why) {
-    STRATA_LOG(WARN, COMM, "tcp: rank {}: connection to rank {} ({}) failed: {}", rank_, peer,
-               peers_[peer].addr, why.ToString());
+  // `orderly`: the peer closed between messages (it finished); only an error for requests that
+  // still need it, so it is not worth a warning by itself.
+  void PeerBroke(int peer, Status why, bool orderly = false) {
+    if (orderly) {
+      STRATA_LOG(DEBUG, COMM, "tcp: rank {}: rank {} closed its connection", rank_, peer);
+    } else {
+      STRATA_LOG(WARN, COMM, "tcp: rank {}: connection to rank {} ({}) failed: {}", rank_, peer,
+                 peers_[peer].addr, why.ToString());
+    }
     Peer& p = peers_[peer];
     if (p.fd >= 0) {
       ::close(p.fd);
@@ -512,9 +523,12 @@ class TcpTransport final : public Transport {
   bool HandleReadResult(int peer, ssize_t r) {
     if (r > 0) return true;
     if (r == 0) {
-      PeerBroke(peer, Status::Unavailable(fmt::format(
-                          "tcp: rank {} ({}) closed the connection (process exited or was "
-                          "killed?)", peer, peers_[peer].addr)));
+      const Peer& p = peers_[peer];
+      PeerBroke(peer,
+                Status::Unavailable(fmt::format(
+                    "tcp: rank {} ({}) closed the connection (process exited or was killed?)",
+                    peer, p.addr)),
+                /*orderly=*/!p.in_payload && p.header_got == 0);
       return false;
     }
     if (errno == EINTR) return true;
@@ -571,7 +585,8 @@ class TcpTransport final : public Transport {
 
   // One round of poll() over every live connection: readable ones are drained (also to take
   // unexpected messages and notice dead peers early), writable ones get their queued sends.
-  Status PollOnce(std::span<const Request> waiting, const Deadline& deadline, int64_t next_ready) {
+  Status PollOnce(std::span<const Request> waiting, const Deadline& deadline, int64_t next_ready,
+                  int64_t spin_until) {
     if (!health_.ok()) return health_;
     if (deadline.expired()) return TimeoutStatus(waiting);
     pollfds_.clear();
@@ -595,7 +610,10 @@ class TcpTransport final : public Transport {
       }
       return Status::Unavailable("tcp: no live connection left to wait on");
     }
-    timespec ts{static_cast<time_t>(timeout_ns / 1000000000), static_cast<long>(timeout_ns % 1000000000)};
+    const bool spinning = NowNs() < spin_until;
+    if (spinning) timeout_ns = 0;
+    timespec ts{static_cast<time_t>(timeout_ns / 1000000000),
+                static_cast<long>(timeout_ns % 1000000000)};
     const int rc = ::ppoll(pollfds_.data(), pollfds_.size(),
                            timeout_ns == INT64_MAX ? nullptr : &ts, nullptr);
     if (rc < 0) {
@@ -604,6 +622,7 @@ class TcpTransport final : public Transport {
     }
     if (rc == 0) {
       if (deadline.expired()) return TimeoutStatus(waiting);
+      if (spinning) sched_yield();  // other ranks may share this core
       return Status::OK();
     }
     for (size_t i = 0; i < pollfds_.size(); ++i) {
@@ -651,6 +670,7 @@ class TcpTransport final : public Transport {
   const int rank_;
   const int size_;
   const int64_t delay_ns_;
+  const int64_t spin_ns_;
   std::vector<Peer> peers_;
   std::vector<RequestState> requests_;
   std::vector<Request> free_;
@@ -689,8 +709,14 @@ StatusOr<std::unique_ptr<Transport>> CreateTransport(Rendezvous& rendezvous,
   if (options.link_delay_us < 0) {
     return Status::InvalidArgument("tcp: link delay must be >= 0 us");
   }
+  if (options.link_delay_us > 0) {
+    // The emulated delay is a timed sleep in ppoll: without this, Linux's default 50 us timer
+    // slack would be added to every emulated hop.
+    ::prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+  }
+  if (options.spin_us < 0) return Status::InvalidArgument("tcp: spin time must be >= 0 us");
   auto t = std::make_unique<TcpTransport>(rendezvous.rank(), rendezvous.size(),
-                                          options.link_delay_us);
+                                          options.link_delay_us, options.spin_us);
   STRATA_RETURN_IF_ERROR(t->Connect(rendezvous, options).WithContext(
       fmt::format("tcp transport setup (rank {} of {})", rendezvous.rank(), rendezvous.size())));
   return std::unique_ptr<Transport>(std::move(t));

@@ -23,6 +23,9 @@ struct TcpOptions {
   // EMULATED one-way delay added to every received message, in microseconds. The kernels we run
   // on have no netem; the delay is applied by the receiver, so it needs no clock sync.
   int64_t link_delay_us = 0;
+  // Busy-poll (yielding the core) this long before blocking in ppoll: a blocked rank pays a
+  // scheduler wake-up per hop, which on edge-sized messages is a large share of the latency.
+  int64_t spin_us = 50;
   // How long to wait for all connections to be established.
   std::chrono::milliseconds connect_timeout{60000};
 };
