@@ -364,7 +364,7 @@ TEST(EnvTest, RegistryIsSortedAndComplete) {
       {"STRATA_NUM_THREADS", "0"},        {"STRATA_COMM_TIMEOUT_MS", "30000"},
       {"STRATA_LINK_DELAY_US", "0"},      {"STRATA_TCP_IFNAME", "auto"},
       {"STRATA_SEGMENT_BYTES", "262144"}, {"STRATA_STAR_HUB", "0"},
-      {"STRATA_ALLREDUCE_TABLE", ""},
+      {"STRATA_ALLREDUCE_TABLE", ""},     {"STRATA_TCP_SPIN_US", "50"},
   };
   EXPECT_EQ(vars.size(), std::size(expected));
   for (const Expected& e : expected) {
