@@ -27,7 +27,7 @@ Status SendRecv(Transport& t, int to, const void* sbuf, size_t sbytes, int from,
 }  // namespace
 
 Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_bytes,
-                     AlignedBuffer& scratch, const Deadline& deadline) {
+                     Scratch& scratch, const Deadline& deadline) {
   const int n = t.size();
   const int me = t.rank();
   const size_t es = DTypeSize(a.dtype);
@@ -41,11 +41,12 @@ Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_
     // In place: keep a copy of the input so replies can land in `out` while segments still leave.
     const char* src = Bytes(a.in);
     if (a.in == a.out) {
-      scratch.Resize(bytes);
-      std::memcpy(scratch.data(), a.in, bytes);
-      src = Bytes(scratch.data());
+      scratch.bytes.Resize(bytes);
+      std::memcpy(scratch.bytes.data(), a.in, bytes);
+      src = Bytes(scratch.bytes.data());
     }
-    std::vector<Request> reqs(2 * nseg, kNullRequest);
+    std::vector<Request>& reqs = scratch.reqs;
+    reqs.assign(2 * nseg, kNullRequest);
     for (size_t s = 0; s < nseg; ++s) {
       STRATA_ASSIGN_OR_RETURN(reqs[nseg + s],
                               t.Irecv(hub, Bytes(a.out) + seg_off(s), seg_len(s), kTagStarDown));
@@ -59,16 +60,18 @@ Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_
   // Hub. Every worker's buffer lands in its own scratch slot; the hub's own input is used in
   // place unless it aliases the output.
   const size_t slots = static_cast<size_t>(n) + 1;
-  scratch.Resize(slots * bytes);
+  scratch.bytes.Resize(slots * bytes);
   auto source = [&](int r) -> const char* {
-    if (r != me) return Bytes(scratch.data()) + static_cast<size_t>(r) * bytes;
-    return a.in == a.out ? Bytes(scratch.data()) + static_cast<size_t>(n) * bytes : Bytes(a.in);
+    if (r != me) return Bytes(scratch.bytes.data()) + static_cast<size_t>(r) * bytes;
+    return a.in == a.out ? Bytes(scratch.bytes.data()) + static_cast<size_t>(n) * bytes : Bytes(a.in);
   };
-  if (a.in == a.out) std::memcpy(Bytes(scratch.data()) + static_cast<size_t>(n) * bytes, a.in, bytes);
+  if (a.in == a.out) std::memcpy(Bytes(scratch.bytes.data()) + static_cast<size_t>(n) * bytes, a.in, bytes);
 
   // recv request of (rank r, segment s) at index s*n + r; the hub's own entries stay null.
-  std::vector<Request> recvs(nseg * static_cast<size_t>(n), kNullRequest);
-  std::vector<uint8_t> arrived(nseg * static_cast<size_t>(n), 0);
+  std::vector<Request>& recvs = scratch.reqs;
+  recvs.assign(nseg * static_cast<size_t>(n), kNullRequest);
+  std::vector<uint8_t>& arrived = scratch.arrived;
+  arrived.assign(nseg * static_cast<size_t>(n), 0);
   for (size_t s = 0; s < nseg; ++s) {
     for (int r = 0; r < n; ++r) {
       if (r == me) {
@@ -82,10 +85,11 @@ Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_
   }
   // next[s]: the next rank to fold into segment s. Rank 0 and rank 1 are combined first
   // (Reduce2), then ranks 2..N-1 in order: a fixed association, whatever the arrival order.
-  std::vector<int> next(nseg, 1);
+  std::vector<int>& next = scratch.next;
+  next.assign(nseg, 1);
   size_t next_send = 0;
-  std::vector<Request> sends;
-  sends.reserve(nseg * static_cast<size_t>(n - 1));
+  std::vector<Request>& sends = scratch.sends;
+  sends.clear();
   size_t outstanding = nseg * static_cast<size_t>(n - 1);
   auto advance = [&](size_t s) -> Status {
     if (!arrived[s * n + 0]) return Status::OK();
@@ -125,7 +129,7 @@ Status StarAllreduce(Transport& t, const ReduceArgs& a, int hub, size_t segment_
   return t.WaitAll(sends, deadline);
 }
 
-Status RingAllreduce(Transport& t, const ReduceArgs& a, AlignedBuffer& scratch,
+Status RingAllreduce(Transport& t, const ReduceArgs& a, Scratch& scratch,
                      const Deadline& deadline) {
   const int n = t.size();
   const int me = t.rank();
@@ -135,15 +139,15 @@ Status RingAllreduce(Transport& t, const ReduceArgs& a, AlignedBuffer& scratch,
   const int right = (me + 1) % n;
   auto begin = [&](int c) { return ChunkBegin(a.count, n, c); };
   auto len = [&](int c) { return begin(c + 1) - begin(c); };
-  scratch.Resize((a.count / n + 1) * es);
+  scratch.bytes.Resize((a.count / n + 1) * es);
   char* out = Bytes(a.out);
   // Reduce-scatter: after N-1 steps rank r holds the full reduction of chunk (r+1) mod N.
   for (int step = 0; step < n - 1; ++step) {
     const int send_c = (me - step + n) % n;
     const int recv_c = (me - step - 1 + n) % n;
     STRATA_RETURN_IF_ERROR(SendRecv(t, right, out + begin(send_c) * es, len(send_c) * es, left,
-                                    scratch.data(), len(recv_c) * es, kTagRing, deadline));
-    kernels::ReduceInto(out + begin(recv_c) * es, scratch.data(), len(recv_c), a.dtype, a.op);
+                                    scratch.bytes.data(), len(recv_c) * es, kTagRing, deadline));
+    kernels::ReduceInto(out + begin(recv_c) * es, scratch.bytes.data(), len(recv_c), a.dtype, a.op);
   }
   // Allgather the reduced chunks around the same ring.
   for (int step = 0; step < n - 1; ++step) {
@@ -156,33 +160,34 @@ Status RingAllreduce(Transport& t, const ReduceArgs& a, AlignedBuffer& scratch,
   return Status::OK();
 }
 
-Status TreeAllreduce(Transport& t, const ReduceArgs& a, AlignedBuffer& scratch,
+Status TreeAllreduce(Transport& t, const ReduceArgs& a, Scratch& scratch,
                      const Deadline& deadline) {
   const int n = t.size();
   const int me = t.rank();
   const size_t bytes = a.count * DTypeSize(a.dtype);
   if (a.in != a.out) std::memcpy(a.out, a.in, bytes);
-  scratch.Resize(bytes);
+  scratch.bytes.Resize(bytes);
   for (int mask = 1; mask < n; mask <<= 1) {
     if (me & mask) {
       STRATA_RETURN_IF_ERROR(t.Send(me - mask, a.out, bytes, kTagTreeReduce, deadline));
       break;
     }
     if (me + mask < n) {
-      STRATA_RETURN_IF_ERROR(t.Recv(me + mask, scratch.data(), bytes, kTagTreeReduce, deadline));
-      kernels::ReduceInto(a.out, scratch.data(), a.count, a.dtype, a.op);
+      STRATA_RETURN_IF_ERROR(t.Recv(me + mask, scratch.bytes.data(), bytes, kTagTreeReduce, deadline));
+      kernels::ReduceInto(a.out, scratch.bytes.data(), a.count, a.dtype, a.op);
     }
   }
-  return TreeBroadcast(t, a.out, bytes, 0, deadline);
+  return TreeBroadcast(t, a.out, bytes, 0, scratch, deadline);
 }
 
-Status StarBarrier(Transport& t, int hub, const Deadline& deadline) {
+Status StarBarrier(Transport& t, int hub, Scratch& scratch, const Deadline& deadline) {
   const int n = t.size();
   if (t.rank() != hub) {
     STRATA_RETURN_IF_ERROR(t.Send(hub, nullptr, 0, kTagBarrierUp, deadline));
     return t.Recv(hub, nullptr, 0, kTagBarrierDown, deadline);
   }
-  std::vector<Request> reqs;
+  std::vector<Request>& reqs = scratch.reqs;
+  reqs.clear();
   for (int r = 0; r < n; ++r) {
     if (r == hub) continue;
     STRATA_ASSIGN_OR_RETURN(Request q, t.Irecv(r, nullptr, 0, kTagBarrierUp));
@@ -198,7 +203,7 @@ Status StarBarrier(Transport& t, int hub, const Deadline& deadline) {
   return t.WaitAll(reqs, deadline);
 }
 
-Status TreeBarrier(Transport& t, const Deadline& deadline) {
+Status TreeBarrier(Transport& t, Scratch& scratch, const Deadline& deadline) {
   const int n = t.size();
   const int me = t.rank();
   for (int mask = 1; mask < n; mask <<= 1) {
@@ -210,12 +215,14 @@ Status TreeBarrier(Transport& t, const Deadline& deadline) {
       STRATA_RETURN_IF_ERROR(t.Recv(me + mask, nullptr, 0, kTagBarrierUp, deadline));
     }
   }
-  return TreeBroadcast(t, nullptr, 0, 0, deadline);
+  return TreeBroadcast(t, nullptr, 0, 0, scratch, deadline);
 }
 
-Status StarBroadcast(Transport& t, void* buf, size_t bytes, int root, const Deadline& deadline) {
+Status StarBroadcast(Transport& t, void* buf, size_t bytes, int root, Scratch& scratch,
+                     const Deadline& deadline) {
   if (t.rank() != root) return t.Recv(root, buf, bytes, kTagBroadcast, deadline);
-  std::vector<Request> reqs;
+  std::vector<Request>& reqs = scratch.reqs;
+  reqs.clear();
   for (int r = 0; r < t.size(); ++r) {
     if (r == root) continue;
     STRATA_ASSIGN_OR_RETURN(Request q, t.Isend(r, buf, bytes, kTagBroadcast));
@@ -224,7 +231,8 @@ Status StarBroadcast(Transport& t, void* buf, size_t bytes, int root, const Dead
   return t.WaitAll(reqs, deadline);
 }
 
-Status TreeBroadcast(Transport& t, void* buf, size_t bytes, int root, const Deadline& deadline) {
+Status TreeBroadcast(Transport& t, void* buf, size_t bytes, int root, Scratch& scratch,
+                     const Deadline& deadline) {
   const int n = t.size();
   const int vrank = (t.rank() - root + n) % n;  // ranks renumbered so that the root is 0
   auto real = [&](int v) { return (v + root) % n; };
@@ -236,7 +244,8 @@ Status TreeBroadcast(Transport& t, void* buf, size_t bytes, int root, const Dead
     }
     mask <<= 1;
   }
-  std::vector<Request> reqs;
+  std::vector<Request>& reqs = scratch.reqs;
+  reqs.clear();
   for (mask >>= 1; mask > 0; mask >>= 1) {
     if (vrank + mask < n) {
       STRATA_ASSIGN_OR_RETURN(Request q, t.Isend(real(vrank + mask), buf, bytes, kTagBroadcast));
@@ -265,7 +274,7 @@ Status RingAllgather(Transport& t, const void* in, void* out, size_t bytes_per_r
 }
 
 Status StarAllgather(Transport& t, const void* in, void* out, size_t bytes_per_rank, int hub,
-                     const Deadline& deadline) {
+                     Scratch& scratch, const Deadline& deadline) {
   const int n = t.size();
   const int me = t.rank();
   char* o = Bytes(out);
@@ -275,7 +284,8 @@ Status StarAllgather(Transport& t, const void* in, void* out, size_t bytes_per_r
     return t.Recv(hub, out, total, kTagBroadcast, deadline);
   }
   if (Bytes(in) != o + me * bytes_per_rank) std::memmove(o + me * bytes_per_rank, in, bytes_per_rank);
-  std::vector<Request> reqs;
+  std::vector<Request>& reqs = scratch.reqs;
+  reqs.clear();
   for (int r = 0; r < n; ++r) {
     if (r == hub) continue;
     STRATA_ASSIGN_OR_RETURN(Request q, t.Irecv(r, o + r * bytes_per_rank, bytes_per_rank,
@@ -283,18 +293,18 @@ Status StarAllgather(Transport& t, const void* in, void* out, size_t bytes_per_r
     reqs.push_back(q);
   }
   STRATA_RETURN_IF_ERROR(t.WaitAll(reqs, deadline));
-  return StarBroadcast(t, out, total, hub, deadline);
+  return StarBroadcast(t, out, total, hub, scratch, deadline);
 }
 
-Status RingReduceScatter(Transport& t, const ReduceArgs& a, AlignedBuffer& scratch,
+Status RingReduceScatter(Transport& t, const ReduceArgs& a, Scratch& scratch,
                          const Deadline& deadline) {
   const int n = t.size();
   const int me = t.rank();
   const size_t es = DTypeSize(a.dtype);
   const size_t block = a.count * es;  // a.count is the per-rank count here
   // Work on a copy: blocks are accumulated in place. Layout: [N blocks | one receive block].
-  scratch.Resize(block * (static_cast<size_t>(n) + 1));
-  char* work = Bytes(scratch.data());
+  scratch.bytes.Resize(block * (static_cast<size_t>(n) + 1));
+  char* work = Bytes(scratch.bytes.data());
   char* incoming = work + block * static_cast<size_t>(n);
   std::memcpy(work, a.in, block * static_cast<size_t>(n));
   const int left = (me - 1 + n) % n;

@@ -41,7 +41,10 @@ Communicator::Communicator(std::unique_ptr<Transport> transport,
     : transport_(std::move(transport)),
       native_(std::move(native)),
       topology_(std::move(topology)),
-      config_(std::move(config)) {}
+      config_(std::move(config)),
+      scratch_(std::make_unique<algo::Scratch>()) {}
+
+Communicator::~Communicator() = default;
 
 Deadline Communicator::DeadlineFor(const CollectiveOptions& opts) const {
   return Deadline::After(opts.timeout.count() > 0 ? opts.timeout : config_.timeout);
@@ -104,8 +107,12 @@ Status Communicator::Barrier(const CollectiveOptions& opts) {
   if (hub >= size()) return Status::InvalidArgument("barrier: hub out of range");
   Status st;
   switch (algo) {
-    case Algorithm::kStar: st = algo::StarBarrier(*transport_, hub, DeadlineFor(opts)); break;
-    case Algorithm::kTree: st = algo::TreeBarrier(*transport_, DeadlineFor(opts)); break;
+    case Algorithm::kStar:
+      st = algo::StarBarrier(*transport_, hub, *scratch_, DeadlineFor(opts));
+      break;
+    case Algorithm::kTree:
+      st = algo::TreeBarrier(*transport_, *scratch_, DeadlineFor(opts));
+      break;
     case Algorithm::kNative:
       if (!native_) return Status::Unimplemented("barrier: no native collectives (tcp without MPI)");
       st = native_->Barrier();
@@ -127,10 +134,10 @@ Status Communicator::Broadcast(void* buf, size_t bytes, int root, const Collecti
   Status st;
   switch (algo) {
     case Algorithm::kStar:
-      st = algo::StarBroadcast(*transport_, buf, bytes, root, DeadlineFor(opts));
+      st = algo::StarBroadcast(*transport_, buf, bytes, root, *scratch_, DeadlineFor(opts));
       break;
     case Algorithm::kTree:
-      st = algo::TreeBroadcast(*transport_, buf, bytes, root, DeadlineFor(opts));
+      st = algo::TreeBroadcast(*transport_, buf, bytes, root, *scratch_, DeadlineFor(opts));
       break;
     case Algorithm::kNative:
       if (!native_) return Status::Unimplemented("broadcast: no native collectives (tcp without MPI)");
@@ -168,14 +175,14 @@ Status Communicator::Allreduce(const void* in, void* out, size_t count, DType dt
   Status st;
   switch (algo) {
     case Algorithm::kStar:
-      st = algo::StarAllreduce(*transport_, args, hub, SegmentBytes(opts), scratch_,
+      st = algo::StarAllreduce(*transport_, args, hub, SegmentBytes(opts), *scratch_,
                                DeadlineFor(opts));
       break;
     case Algorithm::kRing:
-      st = algo::RingAllreduce(*transport_, args, scratch_, DeadlineFor(opts));
+      st = algo::RingAllreduce(*transport_, args, *scratch_, DeadlineFor(opts));
       break;
     case Algorithm::kTree:
-      st = algo::TreeAllreduce(*transport_, args, scratch_, DeadlineFor(opts));
+      st = algo::TreeAllreduce(*transport_, args, *scratch_, DeadlineFor(opts));
       break;
     case Algorithm::kNative:
       if (!native_) return Status::Unimplemented("allreduce: no native collectives (tcp without MPI)");
@@ -207,7 +214,8 @@ Status Communicator::Allgather(const void* in, void* out, size_t bytes_per_rank,
       st = algo::RingAllgather(*transport_, in, out, bytes_per_rank, DeadlineFor(opts));
       break;
     case Algorithm::kStar:
-      st = algo::StarAllgather(*transport_, in, out, bytes_per_rank, hub, DeadlineFor(opts));
+      st = algo::StarAllgather(*transport_, in, out, bytes_per_rank, hub, *scratch_,
+                               DeadlineFor(opts));
       break;
     case Algorithm::kNative:
       if (!native_) return Status::Unimplemented("allgather: no native collectives (tcp without MPI)");
@@ -236,14 +244,14 @@ Status Communicator::ReduceScatter(const void* in, void* out, size_t count_per_r
   Status st;
   switch (algo) {
     case Algorithm::kRing:
-      st = algo::RingReduceScatter(*transport_, args, scratch_, DeadlineFor(opts));
+      st = algo::RingReduceScatter(*transport_, args, *scratch_, DeadlineFor(opts));
       break;
     case Algorithm::kStar: {
       // The hub reduces everything (star allreduce into scratch) and each rank keeps its block.
       const size_t total = count_per_rank * static_cast<size_t>(size());
       AlignedBuffer full(total * es);
       st = algo::StarAllreduce(*transport_, {in, full.data(), total, dtype, opts.op}, Hub(opts),
-                               SegmentBytes(opts), scratch_, DeadlineFor(opts));
+                               SegmentBytes(opts), *scratch_, DeadlineFor(opts));
       if (st.ok()) {
         std::memcpy(out, static_cast<char*>(full.data()) + rank() * count_per_rank * es,
                     count_per_rank * es);

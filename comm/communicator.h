@@ -23,6 +23,10 @@
 
 namespace strata::comm {
 
+namespace algo {
+struct Scratch;
+}
+
 enum class TransportKind { kMpi, kTcp };
 const char* TransportKindName(TransportKind k);
 StatusOr<TransportKind> ParseTransportKind(std::string_view name);
@@ -43,6 +47,7 @@ class Communicator {
 
   Communicator(std::unique_ptr<Transport> transport, std::unique_ptr<NativeCollectives> native,
                Topology topology, CommConfig config);
+  ~Communicator();
 
   int rank() const { return transport_->rank(); }
   int size() const { return transport_->size(); }
@@ -93,7 +98,7 @@ class Communicator {
   std::unique_ptr<NativeCollectives> native_;
   Topology topology_;
   CommConfig config_;
-  AlignedBuffer scratch_;  // grown on demand, reused across calls: no allocation per step
+  std::unique_ptr<algo::Scratch> scratch_;  // grown on demand, reused: no allocation per step
 };
 
 // Over MPI: point-to-point and native collectives on duplicates of `comm`, topology from
