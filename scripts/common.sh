@@ -9,9 +9,13 @@ fi
 export OMPI_MCA_mpi_yield_when_idle=1
 export OMPI_MCA_rmaps_base_oversubscribe=1
 
-strata_build() {  # strata_build BUILD_DIR [cmake args...]
-  local dir="$1"; shift
+# strata_build BUILD_DIR TARGET: configure (warnings are errors, tests and benchmarks on, so
+# test.sh and demo.sh share one build folder without reconfiguring it back and forth) and build
+# TARGET ("all" for everything).
+strata_build() {
+  local dir="$1" target="$2"
   local jobs="${STRATA_BUILD_JOBS:-$(nproc)}"
-  cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
-  cmake --build "$dir" -j "$jobs"
+  cmake -S "$ROOT" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSTRATA_WERROR=ON \
+    -DSTRATA_BUILD_TESTS=ON -DSTRATA_BUILD_BENCH=ON >/dev/null
+  cmake --build "$dir" -j "$jobs" --target "$target"
 }

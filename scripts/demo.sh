@@ -11,7 +11,7 @@ source "$ROOT/scripts/common.sh"
 "$ROOT/scripts/install-deps.sh"
 BUILD="${STRATA_BUILD_DIR:-$ROOT/build}"
 echo "demo.sh: building in $BUILD"
-strata_build "$BUILD" -DSTRATA_BUILD_TESTS=OFF -DSTRATA_BUILD_BENCH=OFF
+strata_build "$BUILD" strata
 RANKS="${STRATA_DEMO_RANKS:-4}"
 OUT="$BUILD/allreduce-demo.json"
 echo "demo.sh: mpirun -np $RANKS strata bench allreduce (results also in $OUT)"

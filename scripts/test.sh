@@ -11,7 +11,7 @@ source "$ROOT/scripts/common.sh"
 "$ROOT/scripts/install-deps.sh"
 BUILD="${STRATA_BUILD_DIR:-$ROOT/build}"
 echo "test.sh: building in $BUILD"
-strata_build "$BUILD" -DSTRATA_WERROR=ON -DSTRATA_BUILD_TESTS=ON -DSTRATA_BUILD_BENCH=ON
+strata_build "$BUILD" all
 echo "test.sh: running tests"
 cd "$BUILD"
 ctest --output-on-failure --timeout 900 "$@"
