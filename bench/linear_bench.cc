@@ -1,0 +1,101 @@
+// Linear (kernels/ops.h) on TinyLlama's projection shapes, for each weight type, at decode (M = 1)
+// and prefill (M = 128) on a 2-thread pool. bytes_per_second counts the weight bytes streamed per
+// call, so decode figures compare directly with the machine's memory bandwidth.
+//
+//   linear_bench --benchmark_filter='M:1/'    # decode only
+// (wt: 0 f32, 1 bf16, 2 q8_0; threads: size of the pool, the caller included)
+#include <benchmark/benchmark.h>
+
+#include <bit>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "base/aligned_buffer.h"
+#include "base/thread_pool.h"
+#include "kernels/ops.h"
+#include "kernels/quant.h"
+
+namespace strata::kernels {
+namespace {
+
+ThreadPool& Pool(int threads = 2) {
+  static ThreadPool* one = new ThreadPool(1);
+  static ThreadPool* two = new ThreadPool(2);
+  return threads == 1 ? *one : *two;
+}
+
+void BM_Linear(benchmark::State& state) {
+  const auto wt = static_cast<WeightType>(state.range(0));
+  const int64_t M = state.range(1), N = state.range(2), K = state.range(3);
+  ThreadPool& pool = Pool(static_cast<int>(state.range(4)));
+  const size_t bytes = WeightBytes(wt, N, K);
+  AlignedBuffer w(bytes);
+  {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> dist(0.0f, 0.02f);
+    std::vector<float> row(static_cast<size_t>(K));
+    for (int64_t n = 0; n < N; ++n) {
+      for (auto& f : row) f = dist(rng);
+      uint8_t* dst = w.as<uint8_t>() + bytes / static_cast<size_t>(N) * static_cast<size_t>(n);
+      if (wt == WeightType::kF32) {
+        std::copy(row.begin(), row.end(), reinterpret_cast<float*>(dst));
+      } else if (wt == WeightType::kBF16) {
+        auto* p = reinterpret_cast<uint16_t*>(dst);
+        for (int64_t k = 0; k < K; ++k) p[k] = static_cast<uint16_t>(
+            (std::bit_cast<uint32_t>(row[static_cast<size_t>(k)]) + 0x8000u) >> 16);
+      } else {
+        QuantizeRowsQ8_0(row.data(), dst, 1, K);
+      }
+    }
+  }
+  std::vector<float> x(static_cast<size_t>(M * K), 0.5f), y(static_cast<size_t>(M * N));
+  for (auto _ : state) {
+    Linear(y.data(), x.data(), w.data(), wt, M, N, K, &pool);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(bytes));
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations()) * 2 * M * N * K);  // flops
+  state.SetLabel(std::string(WeightTypeName(wt)) + " " + OpsIsa());
+}
+
+void Shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"wt", "M", "N", "K", "threads"});
+  for (int wt = 0; wt < 3; ++wt) {
+    for (int64_t m : {1, 128}) {
+      // TinyLlama-1.1B: q/o proj, gate/up, down, lm_head.
+      for (auto [n, k] : {std::pair<int64_t, int64_t>{2048, 2048}, {5632, 2048}, {2048, 5632},
+                          {32000, 2048}}) {
+        b->Args({wt, m, n, k, 2});
+        if (m == 1) b->Args({wt, m, n, k, 1});  // per-thread speed, immune to a busy machine
+      }
+    }
+  }
+}
+
+// The yardstick for decode: read-only memory bandwidth of the same 2-thread pool over a buffer
+// larger than the caches. glibc's memchr reads zeroed memory with its widest vector loads and
+// never finds the byte, so it streams the whole buffer.
+void BM_ReadBandwidth(benchmark::State& state) {
+  const size_t bytes = static_cast<size_t>(state.range(0)) << 20;
+  AlignedBuffer buf(bytes);
+  std::memset(buf.data(), 0, bytes);
+  for (auto _ : state) {
+    Pool().ParallelFor(2, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) {
+        benchmark::DoNotOptimize(std::memchr(buf.as<char>() + i * bytes / 2, 1, bytes / 2));
+      }
+    });
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes));
+}
+BENCHMARK(BM_ReadBandwidth)->Arg(256)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+BENCHMARK(BM_Linear)->Apply(Shapes)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+}  // namespace
+}  // namespace strata::kernels
+
+BENCHMARK_MAIN();

@@ -1,0 +1,222 @@
+// Dispatch, threading and the elementwise ops. Compiled with the project's generic flags: the
+// per-ISA kernels in ops_<isa>.cc do only single-threaded work on ranges.
+#include "kernels/ops.h"
+
+#include <cblas.h>
+#include <math.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include "base/aligned_buffer.h"
+#include "base/check.h"
+#include "kernels/cpu/ops_table.h"
+#include "kernels/quant.h"
+
+namespace strata::kernels {
+namespace {
+
+const OpsTable& PickTable() {
+  if (OpsTableSupported(avx512::kOpsTable)) return avx512::kOpsTable;
+  if (OpsTableSupported(avx2::kOpsTable)) return avx2::kOpsTable;
+  return generic::kOpsTable;
+}
+
+const OpsTable& Table() {
+  static const OpsTable& table = PickTable();
+  return table;
+}
+
+void ParallelOrInline(ThreadPool* pool, size_t n, size_t min_chunk,
+                      const std::function<void(size_t, size_t)>& fn) {
+  if (pool == nullptr || pool->size() == 1) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  pool->ParallelFor(n, fn, min_chunk);
+}
+
+// Prefill converts this many weight rows at a time to f32 before sgemm: 64 rows of K = 5632 is
+// 1.4 MiB per thread, small enough to stay in L2/L3 while sgemm reads it.
+constexpr int64_t kPrefillRows = 64;
+
+// The pool does the threading; OpenBLAS's own threads would oversubscribe the cores.
+void SingleThreadBlas() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
+}  // namespace
+
+bool OpsTableSupported(const OpsTable& table) {
+  __builtin_cpu_init();
+  if (&table == &avx512::kOpsTable) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("avx2");
+  }
+  if (&table == &avx2::kOpsTable) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }
+  return true;
+}
+
+const char* WeightTypeName(WeightType t) {
+  switch (t) {
+    case WeightType::kF32: return "f32";
+    case WeightType::kBF16: return "bf16";
+    case WeightType::kQ8_0: return "q8_0";
+  }
+  return "?";
+}
+
+size_t WeightBytes(WeightType t, int64_t out_features, int64_t in_features) {
+  const auto n = static_cast<size_t>(out_features);
+  const auto k = static_cast<size_t>(in_features);
+  switch (t) {
+    case WeightType::kF32: return n * k * 4;
+    case WeightType::kBF16: return n * k * 2;
+    case WeightType::kQ8_0:
+      STRATA_CHECK_EQ(in_features % kQ8BlockSize, 0);
+      return n * (k / kQ8BlockSize) * sizeof(BlockQ8_0);
+  }
+  return 0;
+}
+
+void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, WeightType wt,
+                int64_t M, int64_t N, int64_t K, ThreadPool* pool) {
+  STRATA_CHECK(M >= 0 && N >= 0 && K >= 0);
+  if (wt == WeightType::kQ8_0) STRATA_CHECK_EQ(K % kQ8BlockSize, 0);
+  if (M == 0 || N == 0) return;
+  if (M == 1) {
+    // Rows split over the pool; 64 rows per chunk at least so small layers stay on one thread.
+    ParallelOrInline(pool, static_cast<size_t>(N), 64, [&](size_t b, size_t e) {
+      table.matvec(y, x, w, wt, K, static_cast<int64_t>(b), static_cast<int64_t>(e));
+    });
+    return;
+  }
+  SingleThreadBlas();
+  const int64_t blocks = (N + kPrefillRows - 1) / kPrefillRows;
+  ParallelOrInline(pool, static_cast<size_t>(blocks), 1, [&](size_t b, size_t e) {
+    AlignedBuffer scratch(wt == WeightType::kF32 ? 0 : kPrefillRows * K * sizeof(float));
+    for (size_t blk = b; blk < e; ++blk) {
+      const int64_t n0 = static_cast<int64_t>(blk) * kPrefillRows;
+      const int64_t n1 = std::min(N, n0 + kPrefillRows);
+      const float* wf;
+      if (wt == WeightType::kF32) {
+        wf = static_cast<const float*>(w) + n0 * K;
+      } else {
+        table.rows_to_f32(scratch.as<float>(), w, wt, K, n0, n1);
+        wf = scratch.as<float>();
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
+                  static_cast<int>(n1 - n0), static_cast<int>(K), 1.0f, x, static_cast<int>(K), wf,
+                  static_cast<int>(K), 0.0f, y + n0, static_cast<int>(N));
+    }
+  });
+}
+
+void Linear(float* y, const float* x, const void* w, WeightType wt, int64_t M, int64_t N, int64_t K,
+            ThreadPool* pool) {
+  LinearWith(Table(), y, x, w, wt, M, N, K, pool);
+}
+
+void AttentionWith(const OpsTable& table, float* out, const float* q, const float* k_cache,
+                   const float* v_cache, int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads,
+                   int64_t head_dim, const int32_t* positions, ThreadPool* pool) {
+  STRATA_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0);
+  const int64_t group = n_heads / n_kv_heads;
+  const int64_t kv_stride = n_kv_heads * head_dim;
+  const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    STRATA_CHECK(positions[t] >= 0);
+    max_len = std::max<int64_t>(max_len, positions[t] + 1);
+  }
+  ParallelOrInline(pool, static_cast<size_t>(n_tokens * n_heads), 1, [&](size_t b, size_t e) {
+    std::vector<float> scratch(static_cast<size_t>(max_len));
+    for (size_t i = b; i < e; ++i) {
+      const int64_t t = static_cast<int64_t>(i) / n_heads;
+      const int64_t h = static_cast<int64_t>(i) % n_heads;
+      const int64_t kvh = h / group;
+      const int64_t off = (t * n_heads + h) * head_dim;
+      table.attend(out + off, q + off, k_cache + kvh * head_dim, v_cache + kvh * head_dim,
+                   kv_stride, head_dim, positions[t] + 1, scale, scratch.data());
+    }
+  });
+}
+
+void Attention(float* out, const float* q, const float* k_cache, const float* v_cache,
+               int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
+               const int32_t* positions, ThreadPool* pool) {
+  AttentionWith(Table(), out, q, k_cache, v_cache, n_tokens, n_heads, n_kv_heads, head_dim,
+                positions, pool);
+}
+
+void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim,
+             float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * dim;
+    float* o = out + r * dim;
+    double ss = 0.0;  // double: the sum of squares of a few thousand floats loses bits in f32
+    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xr[i]) * xr[i];
+    const float inv = 1.0f / sqrtf(static_cast<float>(ss / static_cast<double>(dim)) + eps);
+    for (int64_t i = 0; i < dim; ++i) o[i] = xr[i] * inv * weight[i];
+  }
+}
+
+void Rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, const int32_t* positions,
+          float theta) {
+  STRATA_CHECK_EQ(head_dim % 2, 0);
+  const int64_t half = head_dim / 2;
+  std::vector<float> cos_v(static_cast<size_t>(half)), sin_v(static_cast<size_t>(half));
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    // The same float32 steps as transformers' LlamaRotaryEmbedding, so large positions agree.
+    for (int64_t i = 0; i < half; ++i) {
+      const float inv_freq =
+          1.0f / powf(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
+      const float angle = static_cast<float>(positions[t]) * inv_freq;
+      cos_v[static_cast<size_t>(i)] = cosf(angle);
+      sin_v[static_cast<size_t>(i)] = sinf(angle);
+    }
+    for (int64_t h = 0; h < n_heads; ++h) {
+      float* v = x + (t * n_heads + h) * head_dim;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i];
+        const float b = v[i + half];
+        const float c = cos_v[static_cast<size_t>(i)];
+        const float s = sin_v[static_cast<size_t>(i)];
+        v[i] = a * c - b * s;
+        v[i + half] = b * c + a * s;
+      }
+    }
+  }
+}
+
+void Softmax(float* x, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* v = x + r * cols;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < cols; ++i) mx = std::max(mx, v[i]);
+    float sum = 0.0f;
+    for (int64_t i = 0; i < cols; ++i) {
+      v[i] = expf(v[i] - mx);
+      sum += v[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < cols; ++i) v[i] *= inv;
+  }
+}
+
+void SwiGLU(float* out, const float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + expf(-g)) * up[i];
+  }
+}
+
+const char* OpsIsa() { return Table().isa; }
+
+}  // namespace strata::kernels
