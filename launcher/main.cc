@@ -21,6 +21,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   std::vector<strata::launcher::Command> commands;
   strata::launcher::AddInfoCommand(app, commands);
+  strata::launcher::AddShardCommand(app, commands);
   strata::launcher::AddBenchCommands(app, commands);
 
   CLI11_PARSE(app, argc, argv);

@@ -27,6 +27,23 @@ StatusOr<std::vector<int64_t>> Apportion(int64_t units, const std::vector<double
   std::stable_sort(remainders.begin(), remainders.end(),
                    [](const auto& a, const auto& b) { return a.first > b.first; });
   for (size_t k = 0; given < units; ++k, ++given) ++out[remainders[k % n].second];
+  // Every rank needs at least one unit: take it from the rank whose share exceeds its quota the
+  // most (and that keeps at least one itself).
+  for (size_t i = 0; i < n; ++i) {
+    if (out[i] != 0) continue;
+    size_t donor = n;
+    double surplus = -1e300;
+    for (size_t j = 0; j < n; ++j) {
+      const double s = static_cast<double>(out[j]) - static_cast<double>(units) * ratios[j];
+      if (out[j] > 1 && s > surplus) {
+        surplus = s;
+        donor = j;
+      }
+    }
+    if (donor == n) break;
+    --out[donor];
+    ++out[i];
+  }
   for (size_t i = 0; i < n; ++i) {
     if (out[i] == 0) {
       return Status::InvalidArgument(fmt::format(

@@ -39,9 +39,9 @@ struct TpPlan {
 };
 
 // ratios: empty = equal split; else one positive weight per rank (e.g. {2, 1, 1}). Units are
-// apportioned by largest remainder (ties to the lower rank), so the plan is deterministic and
-// every rank computes the same one. Errors: ranks > kv heads, a ratio too small to get one
-// unit, non-positive ratios, shapes that do not divide (heads % kv_heads).
+// apportioned by largest remainder (ties to the lower rank), then every rank is guaranteed one
+// unit, so the plan is deterministic and every rank computes the same one. Errors: ranks > kv
+// heads or > FFN units, non-positive ratios, shapes that do not divide (heads % kv_heads).
 StatusOr<TpPlan> MakeTpPlan(const PlanShape& shape, int ranks, std::vector<double> ratios);
 
 // "2,1,1" -> {2, 1, 1}.

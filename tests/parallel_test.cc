@@ -64,9 +64,14 @@ TEST(TpPlan, ClearErrors) {
   auto too_many = MakeTpPlan(kTinyLlama, 5, {});
   ASSERT_FALSE(too_many.ok());
   EXPECT_NE(too_many.status().message().find("at most 4"), std::string::npos);
-  auto starved = MakeTpPlan({8, 2, 64, 32}, 2, {100, 1});
+  // A tiny ratio still gets one kv head group and one FFN unit...
+  const TpPlan skewed = *MakeTpPlan({8, 2, 64, 32}, 2, {100, 1});
+  EXPECT_EQ(skewed.slices[1].kv_heads(), 1);
+  EXPECT_EQ(skewed.slices[1].ffn(), 32);
+  // ...but there must be a unit for every rank.
+  auto starved = MakeTpPlan({8, 2, 32, 32}, 2, {});
   ASSERT_FALSE(starved.ok());
-  EXPECT_NE(starved.status().message().find("rank 1"), std::string::npos);
+  EXPECT_NE(starved.status().message().find("rank 1 gets no FFN"), std::string::npos);
   EXPECT_FALSE(MakeTpPlan(kTinyLlama, 2, {1, 2, 3}).ok());
   EXPECT_FALSE(MakeTpPlan(kTinyLlama, 2, {1, -1}).ok());
   EXPECT_FALSE(MakeTpPlan({6, 4, 64, 32}, 2, {}).ok());  // 6 heads over 4 kv heads
