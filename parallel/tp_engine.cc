@@ -1,0 +1,238 @@
+#include "parallel/tp_engine.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "base/clock.h"
+#include "base/dtype.h"
+#include "kernels/quant.h"
+
+namespace strata::parallel {
+namespace {
+
+StatusOr<kernels::WeightType> WeightTypeOf(const std::string& s) {
+  if (s == "f32") return kernels::WeightType::kF32;
+  if (s == "bf16") return kernels::WeightType::kBF16;
+  if (s == "q8_0") return kernels::WeightType::kQ8_0;
+  return Status::InvalidArgument("shard weight dtype '" + s + "' is unknown");
+}
+
+// FNV-1a of a string, for comparing fingerprints across ranks with one integer allreduce.
+int64_t Hash64(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+  return static_cast<int64_t>(h >> 1);
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<TpEngine>> TpEngine::Open(const std::string& shard_dir,
+                                                   comm::Communicator& comm,
+                                                   const EngineOptions& options) {
+  auto e = std::unique_ptr<TpEngine>(new TpEngine(comm, options));
+  Status st = e->Load(shard_dir);  // no collectives inside: a failing rank cannot desynchronize
+  // Every rank must know that loading worked everywhere before the model's collectives start.
+  comm::CollectiveOptions max;
+  max.op = comm::ReduceOp::kMax;
+  int32_t bad = st.ok() ? 0 : 1, any_bad = 0;
+  STRATA_RETURN_IF_ERROR(comm.Allreduce(&bad, &any_bad, 1, DType::kI32, max));
+  if (!st.ok()) return st;
+  if (any_bad != 0) return Status::Aborted("another rank failed to open its shard (see its error)");
+  // Same model on every rank: the largest fingerprint hash must be everyone's.
+  int64_t mine = Hash64(e->shard_->manifest().model_fingerprint()), hi = 0;
+  STRATA_RETURN_IF_ERROR(comm.Allreduce(&mine, &hi, 1, DType::kI64, max));
+  int32_t differs = hi != mine ? 1 : 0, any_differs = 0;
+  STRATA_RETURN_IF_ERROR(comm.Allreduce(&differs, &any_differs, 1, DType::kI32, max));
+  if (any_differs != 0) {
+    return Status::InvalidArgument(shard_dir + ": the ranks opened shards of different models "
+                                   "(fingerprints differ); re-run strata shard");
+  }
+  return e;
+}
+
+Status TpEngine::Load(const std::string& shard_dir) {
+  const int rank = comm_.rank();
+  STRATA_ASSIGN_OR_RETURN(shard_, runtime::ShardFile::Open(runtime::ShardPath(shard_dir, rank)));
+  const proto::ShardManifest& m = shard_->manifest();
+  if (m.ranks() != comm_.size() || m.rank() != rank) {
+    return Status::InvalidArgument(fmt::format(
+        "{} was written for rank {} of {}, but this is rank {} of {}: shard the model for {} "
+        "ranks (strata shard --ranks {})", shard_->path(), m.rank(), m.ranks(), rank,
+        comm_.size(), comm_.size(), comm_.size()));
+  }
+  STRATA_ASSIGN_OR_RETURN(config_, runtime::ParseLlamaConfig(m.config_json(), shard_->path()));
+  STRATA_ASSIGN_OR_RETURN(wtype_, WeightTypeOf(m.weight_dtype()));
+  heads_ = m.slice().head_end() - m.slice().head_begin();
+  kv_heads_ = m.slice().kv_head_end() - m.slice().kv_head_begin();
+  ffn_ = m.slice().ffn_end() - m.slice().ffn_begin();
+  max_seq_ = opts_.max_seq > 0 ? opts_.max_seq
+                               : std::min<int64_t>(config_.max_position_embeddings, 2048);
+  if (m.blocks_size() != 2 * config_.num_hidden_layers) {
+    return Status::Corruption(fmt::format("{}: {} blocks for {} layers", shard_->path(),
+                                          m.blocks_size(), config_.num_hidden_layers));
+  }
+  const int64_t hidden = config_.hidden_size;
+  input_norm_.assign(static_cast<size_t>(config_.num_hidden_layers), {});
+  post_norm_.assign(static_cast<size_t>(config_.num_hidden_layers), {});
+  for (const proto::TensorEntry& t : m.resident()) {
+    STRATA_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, shard_->ReadTensor(t));
+    auto as_f32 = [&] {
+      std::vector<float> v(bytes.size() / 4);
+      std::memcpy(v.data(), bytes.data(), v.size() * 4);
+      return v;
+    };
+    const std::string& n = t.name();
+    if (n == "model.embed_tokens.weight") {
+      embed_ = std::move(bytes);
+    } else if (n == "lm_head.weight") {
+      lm_head_ = std::move(bytes);
+    } else if (n == "model.norm.weight") {
+      final_norm_ = as_f32();
+    } else {
+      int layer = -1;
+      char kind[64] = {};
+      if (std::sscanf(n.c_str(), "model.layers.%d.%63s", &layer, kind) != 2 || layer < 0 ||
+          layer >= config_.num_hidden_layers) {
+        return Status::Corruption(shard_->path() + ": unexpected resident tensor " + n);
+      }
+      (std::string(kind) == "input_layernorm.weight" ? input_norm_ : post_norm_)[layer] = as_f32();
+    }
+  }
+  if (rank == 0 && (embed_.empty() || lm_head_.empty() || final_norm_.size() != size_t(hidden))) {
+    return Status::Corruption(shard_->path() + ": rank 0's shard lacks embeddings, final norm or "
+                              "LM head");
+  }
+  std::vector<memory::BlockExtent> extents;
+  for (const proto::BlockEntry& b : m.blocks()) extents.push_back({b.offset(), b.bytes()});
+  memory::WindowOptions wo;
+  wo.window = opts_.window;
+  wo.mode = opts_.window == 0 ? memory::WindowMode::kResident : opts_.window_mode;
+  wo.direct_io = opts_.direct_io;
+  STRATA_ASSIGN_OR_RETURN(window_, memory::WeightWindow::Open(shard_->path(), extents, wo));
+  k_cache_.clear();
+  v_cache_.clear();
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    k_cache_.emplace_back(static_cast<size_t>(max_seq_ * kv_heads_ * config_.head_dim) * 4);
+    v_cache_.emplace_back(static_cast<size_t>(max_seq_ * kv_heads_ * config_.head_dim) * 4);
+  }
+  pool_ = &ThreadPool::Default();
+  return Status::OK();
+}
+
+uint64_t TpEngine::resident_bytes() const {
+  uint64_t b = window_->resident_bytes() + embed_.size() + lm_head_.size();
+  for (const auto& c : k_cache_) b += c.size();
+  for (const auto& c : v_cache_) b += c.size();
+  return b;
+}
+
+StatusOr<TpEngine::BlockTensors> TpEngine::AcquireBlock(int index) {
+  STRATA_ASSIGN_OR_RETURN(const uint8_t* base, window_->Acquire(index));
+  const proto::BlockEntry& b = shard_->manifest().blocks(index);
+  BlockTensors t;
+  for (int i = 0; i < b.tensors_size() && i < 4; ++i) {
+    t.w[i] = base + (b.tensors(i).offset() - b.offset());
+  }
+  return t;
+}
+
+Status TpEngine::AllreduceInto(float* residual, float* partial, int64_t count) {
+  comm::CollectiveOptions o;
+  o.algorithm = opts_.allreduce;
+  const int64_t t0 = NowNs();
+  STRATA_RETURN_IF_ERROR(comm_.Allreduce(partial, partial, static_cast<size_t>(count),
+                                         DType::kF32, o));
+  allreduce_ns_ += NowNs() - t0;
+  for (int64_t i = 0; i < count; ++i) residual[i] += partial[i];
+  return Status::OK();
+}
+
+Status TpEngine::Embed(const int32_t* tokens, int64_t n, float* x) {
+  const int64_t hidden = config_.hidden_size;
+  if (comm_.rank() == 0) {
+    const size_t row_bytes = kernels::WeightBytes(wtype_, 1, hidden);
+    for (int64_t t = 0; t < n; ++t) {
+      if (tokens[t] < 0 || tokens[t] >= config_.vocab_size) {
+        return Status::InvalidArgument(fmt::format("token id {} outside the vocabulary of {}",
+                                                   tokens[t], config_.vocab_size));
+      }
+      const uint8_t* row = embed_.data() + static_cast<size_t>(tokens[t]) * row_bytes;
+      float* dst = x + t * hidden;
+      switch (wtype_) {
+        case kernels::WeightType::kF32: std::memcpy(dst, row, hidden * 4); break;
+        case kernels::WeightType::kBF16:
+          ConvertBuffer(row, DType::kBF16, dst, DType::kF32, static_cast<size_t>(hidden));
+          break;
+        case kernels::WeightType::kQ8_0: kernels::DequantizeRowsQ8_0(row, dst, 1, hidden); break;
+      }
+    }
+  }
+  // Only rank 0 holds the embeddings: it sends the rows (n x hidden floats).
+  comm::CollectiveOptions o;
+  o.algorithm = comm::Algorithm::kStar;
+  return comm_.Broadcast(x, static_cast<size_t>(n * hidden) * 4, 0, o);
+}
+
+Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all_logits,
+                         std::vector<float>* logits) {
+  const runtime::LlamaConfig& c = config_;
+  const int64_t hidden = c.hidden_size, hd = c.head_dim;
+  if (n <= 0) return Status::InvalidArgument("forward of no tokens");
+  if (pos < 0 || pos + n > max_seq_) {
+    return Status::OutOfRange(fmt::format("positions [{}, {}) exceed the KV cache of {} tokens",
+                                          pos, pos + n, max_seq_));
+  }
+  std::vector<float> x(static_cast<size_t>(n * hidden)), h(x.size()), part(x.size());
+  std::vector<float> q(static_cast<size_t>(n * heads_ * hd)), att(q.size());
+  std::vector<float> k(static_cast<size_t>(n * kv_heads_ * hd)), v(k.size());
+  std::vector<float> gate(static_cast<size_t>(n * ffn_)), up(gate.size());
+  std::vector<int32_t> positions(static_cast<size_t>(n));
+  for (int64_t t = 0; t < n; ++t) positions[t] = static_cast<int32_t>(pos + t);
+  STRATA_RETURN_IF_ERROR(Embed(tokens, n, x.data()));
+
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    const int attn_index = static_cast<int>(2 * l);
+    STRATA_ASSIGN_OR_RETURN(BlockTensors w, AcquireBlock(attn_index));
+    kernels::RmsNorm(h.data(), x.data(), input_norm_[l].data(), n, hidden, c.rms_norm_eps);
+    kernels::Linear(q.data(), h.data(), w.w[0], wtype_, n, heads_ * hd, hidden, pool_);
+    kernels::Linear(k.data(), h.data(), w.w[1], wtype_, n, kv_heads_ * hd, hidden, pool_);
+    kernels::Linear(v.data(), h.data(), w.w[2], wtype_, n, kv_heads_ * hd, hidden, pool_);
+    kernels::Rope(q.data(), n, heads_, hd, positions.data(), c.rope_theta);
+    kernels::Rope(k.data(), n, kv_heads_, hd, positions.data(), c.rope_theta);
+    float* kc = k_cache_[l].as<float>();
+    float* vc = v_cache_[l].as<float>();
+    const size_t row = static_cast<size_t>(kv_heads_ * hd);
+    for (int64_t t = 0; t < n; ++t) {
+      std::memcpy(kc + (pos + t) * row, k.data() + t * row, row * 4);
+      std::memcpy(vc + (pos + t) * row, v.data() + t * row, row * 4);
+    }
+    kernels::Attention(att.data(), q.data(), kc, vc, n, heads_, kv_heads_, hd, positions.data(),
+                       pool_);
+    kernels::Linear(part.data(), att.data(), w.w[3], wtype_, n, hidden, heads_ * hd, pool_);
+    window_->Release(attn_index);
+    STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));
+
+    const int ffn_index = attn_index + 1;
+    STRATA_ASSIGN_OR_RETURN(w, AcquireBlock(ffn_index));
+    kernels::RmsNorm(h.data(), x.data(), post_norm_[l].data(), n, hidden, c.rms_norm_eps);
+    kernels::Linear(gate.data(), h.data(), w.w[0], wtype_, n, ffn_, hidden, pool_);
+    kernels::Linear(up.data(), h.data(), w.w[1], wtype_, n, ffn_, hidden, pool_);
+    kernels::SwiGLU(gate.data(), gate.data(), up.data(), n * ffn_);
+    kernels::Linear(part.data(), gate.data(), w.w[2], wtype_, n, hidden, ffn_, pool_);
+    window_->Release(ffn_index);
+    STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));
+  }
+  if (comm_.rank() != 0) return Status::OK();
+  const int64_t first = all_logits ? 0 : n - 1;
+  const int64_t rows = n - first;
+  kernels::RmsNorm(h.data(), x.data() + first * hidden, final_norm_.data(), rows, hidden,
+                   c.rms_norm_eps);
+  logits->assign(static_cast<size_t>(rows * c.vocab_size), 0.0f);
+  kernels::Linear(logits->data(), h.data(), lm_head_.data(), wtype_, rows, c.vocab_size, hidden,
+                  pool_);
+  return Status::OK();
+}
+
+}  // namespace strata::parallel

@@ -1,0 +1,82 @@
+// Tensor-parallel Llama inference on one rank of a group: this rank's attention heads and FFN
+// columns, streamed from its shard file through a sliding window, joined by two allreduces per
+// layer (star by default).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/aligned_buffer.h"
+#include "base/status.h"
+#include "base/thread_pool.h"
+#include "comm/communicator.h"
+#include "kernels/ops.h"
+#include "memory/weight_window.h"
+#include "runtime/llama_config.h"
+#include "runtime/shard_file.h"
+
+namespace strata::parallel {
+
+struct EngineOptions {
+  // Blocks (half layers) in flight; 0 keeps the whole shard resident (mmap).
+  int window = 2;
+  // How blocks are brought in (see memory/weight_window.h); kAuto picks by page-cache residency.
+  memory::WindowMode window_mode = memory::WindowMode::kAuto;
+  bool direct_io = false;
+  // The algorithm of the two per-layer allreduces.
+  comm::Algorithm allreduce = comm::Algorithm::kStar;
+  // KV cache length in tokens; 0 = min(max_position_embeddings, 2048).
+  int64_t max_seq = 0;
+};
+
+class TpEngine {
+ public:
+  // Opens `shard_dir`/rank-<comm.rank()>.shard and checks that every rank opened a shard of the
+  // same model split for comm.size() ranks.
+  static StatusOr<std::unique_ptr<TpEngine>> Open(const std::string& shard_dir,
+                                                  comm::Communicator& comm,
+                                                  const EngineOptions& options);
+
+  // Runs n tokens at positions [pos, pos + n) (their KV entries are written; earlier positions
+  // must have been run before). Every rank calls it; `tokens` matter on rank 0 only. On rank 0,
+  // `logits` receives [n, vocab] when all_logits, else the last token's [vocab].
+  Status Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all_logits,
+                 std::vector<float>* logits);
+
+  const runtime::LlamaConfig& config() const { return config_; }
+  int64_t max_seq() const { return max_seq_; }
+  int64_t weight_wait_ns() const { return window_->stats().wait_ns; }
+  int64_t allreduce_ns() const { return allreduce_ns_; }
+  memory::WindowMode window_mode() const { return window_->mode(); }
+  uint64_t resident_bytes() const;
+
+ private:
+  TpEngine(comm::Communicator& comm, const EngineOptions& options) : comm_(comm), opts_(options) {}
+  Status Load(const std::string& shard_dir);
+  // Pointers to one block's tensors, in the order the shard writer stores them.
+  struct BlockTensors {
+    const uint8_t* w[4] = {};
+  };
+  StatusOr<BlockTensors> AcquireBlock(int index);
+  Status AllreduceInto(float* residual, float* partial, int64_t count);
+  Status Embed(const int32_t* tokens, int64_t n, float* x);
+
+  comm::Communicator& comm_;
+  EngineOptions opts_;
+  runtime::LlamaConfig config_;
+  kernels::WeightType wtype_ = kernels::WeightType::kF32;
+  std::unique_ptr<runtime::ShardFile> shard_;
+  std::unique_ptr<memory::WeightWindow> window_;
+  int64_t heads_ = 0, kv_heads_ = 0, ffn_ = 0, max_seq_ = 0;
+  // Resident: per-layer norms (every rank); embeddings, final norm, LM head (rank 0).
+  std::vector<std::vector<float>> input_norm_, post_norm_;
+  std::vector<float> final_norm_;
+  std::vector<uint8_t> embed_, lm_head_;
+  std::vector<AlignedBuffer> k_cache_, v_cache_;  // per layer [max_seq, kv_heads_, head_dim]
+  ThreadPool* pool_ = nullptr;
+  int64_t allreduce_ns_ = 0;
+};
+
+}  // namespace strata::parallel
