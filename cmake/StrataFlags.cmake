@@ -2,6 +2,8 @@
 add_library(strata_flags INTERFACE)
 target_compile_options(strata_flags INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Wshadow -Wnon-virtual-dtor -Wno-missing-field-initializers>)
+# Symbols of static archives (protobuf, see proto/CMakeLists.txt) stay private to our binaries.
+target_link_options(strata_flags INTERFACE "LINKER:--exclude-libs,ALL")
 if(STRATA_WERROR)
   target_compile_options(strata_flags INTERFACE $<$<COMPILE_LANGUAGE:CXX>:-Werror>)
 endif()

@@ -22,6 +22,7 @@ int main(int argc, char** argv) {
   std::vector<strata::launcher::Command> commands;
   strata::launcher::AddInfoCommand(app, commands);
   strata::launcher::AddShardCommand(app, commands);
+  strata::launcher::AddInferCommand(app, commands);
   strata::launcher::AddBenchCommands(app, commands);
 
   CLI11_PARSE(app, argc, argv);

@@ -1,6 +1,7 @@
 // Placement discovery from the variables Open MPI, PMIx and Slurm export, and atomic file writes.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -90,6 +91,38 @@ TEST(WriteFileAtomically, WritesWholeFileAndReportsErrors) {
   EXPECT_FALSE(WriteFileAtomically("/nonexistent-dir/x.json", "x", &err));
   EXPECT_NE(err.find("nonexistent-dir"), std::string::npos);
   std::remove(path.c_str());
+}
+
+}  // namespace
+}  // namespace strata::launcher
+
+#include "launcher/sampling.h"
+
+namespace strata::launcher {
+namespace {
+
+TEST(Sampler, GreedyTakesTheArgmax) {
+  const float logits[5] = {0.1f, 3.0f, -1.0f, 2.9f, 0.0f};
+  Sampler s({/*greedy=*/true, 1.0f, 1.0f, 7});
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(s.Sample(logits, 5), 1);
+}
+
+TEST(Sampler, TinyTopPIsGreedyAndSeedsReproduce) {
+  const float logits[5] = {0.1f, 3.0f, -1.0f, 2.9f, 0.0f};
+  Sampler nucleus({false, 1.0f, 0.01f, 7});
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(nucleus.Sample(logits, 5), 1);
+  Sampler a({false, 1.0f, 1.0f, 42}), b({false, 1.0f, 1.0f, 42});
+  for (int i = 0; i < 50; ++i) EXPECT_EQ(a.Sample(logits, 5), b.Sample(logits, 5));
+}
+
+TEST(Sampler, FrequenciesFollowTheSoftmax) {
+  // Two tokens with logits 0 and ln 3 at temperature 1: probabilities 1/4 and 3/4.
+  const float logits[2] = {0.0f, std::log(3.0f)};
+  Sampler s({false, 1.0f, 1.0f, 123});
+  int ones = 0;
+  const int n = 20000;
+  for (int i = 0; i < n; ++i) ones += s.Sample(logits, 2) == 1;
+  EXPECT_NEAR(static_cast<double>(ones) / n, 0.75, 0.02);
 }
 
 }  // namespace

@@ -1,0 +1,235 @@
+// `strata infer`: tensor-parallel generation across the ranks of an mpirun/srun launch.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "base/clock.h"
+#include "comm/communicator.h"
+#include "comm/transport/mpi/mpi_transport.h"
+#include "launcher/commands.h"
+#include "launcher/sampling.h"
+#include "parallel/tp_engine.h"
+#include "runtime/tokenizer.h"
+
+namespace strata::launcher {
+namespace {
+
+struct InferArgs {
+  std::string shards;
+  std::string prompt;
+  int max_tokens = 64;
+  float temperature = 0.8f;
+  float top_p = 0.95f;
+  uint64_t seed = 0;
+  bool greedy = false;
+  int window = 2;
+  std::string window_mode = "auto";
+  bool direct_io = false;
+  std::string allreduce = "star";
+  std::string transport = "mpi";
+  bool json = false;
+  std::string dump_logits;
+};
+
+int64_t PeakRssBytes() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
+  }
+  return -1;
+}
+
+int RunInfer(const InferArgs& a) {
+  auto fail = [](const Status& st) {
+    std::fprintf(stderr, "strata infer: %s\n", st.ToString().c_str());
+    return 1;
+  };
+  StatusOr<comm::Algorithm> algo = comm::ParseAlgorithm(a.allreduce);
+  if (!algo.ok()) return fail(algo.status());
+  StatusOr<comm::TransportKind> tk = comm::ParseTransportKind(a.transport);
+  if (!tk.ok()) return fail(tk.status());
+  StatusOr<memory::WindowMode> wm = memory::ParseWindowMode(a.window_mode);
+  if (!wm.ok()) return fail(wm.status());
+  if (a.max_tokens < 0) return fail(Status::InvalidArgument("--max-tokens must be >= 0"));
+  if (!a.greedy && (!(a.temperature > 0) || !(a.top_p > 0) || a.top_p > 1)) {
+    return fail(Status::InvalidArgument("--temperature must be > 0 and --top-p in (0, 1]"));
+  }
+  Status st = comm::mpi::EnsureInitialized(nullptr, nullptr);
+  if (!st.ok()) return fail(st);
+  auto abort_all = [](const Status& s) {
+    std::fprintf(stderr, "strata infer: %s\n", s.ToString().c_str());
+    MPI_Abort(MPI_COMM_WORLD, 1);  // other ranks may wait in a collective: end the job
+    return 1;
+  };
+  StatusOr<std::unique_ptr<comm::Communicator>> c = comm::CreateFromMpi(MPI_COMM_WORLD, *tk);
+  if (!c.ok()) return abort_all(c.status());
+  comm::Communicator& comm = **c;
+  const int rank = comm.rank();
+
+  // Rank 0 tokenizes; the others learn the prompt length (and ids) by broadcast.
+  std::unique_ptr<runtime::Tokenizer> tok;
+  std::vector<int32_t> ids;
+  int64_t n_prompt = 0;
+  if (rank == 0) {
+    StatusOr<std::unique_ptr<runtime::Tokenizer>> t =
+        runtime::Tokenizer::Load(a.shards + "/tokenizer.model");
+    if (!t.ok()) return abort_all(t.status());
+    tok = std::move(*t);
+    StatusOr<std::vector<int32_t>> e = tok->Encode(a.prompt, /*add_bos=*/true);
+    if (!e.ok()) return abort_all(e.status());
+    ids = *e;
+    n_prompt = static_cast<int64_t>(ids.size());
+  }
+  if (Status s = comm.Broadcast(&n_prompt, sizeof(n_prompt), 0); !s.ok()) return abort_all(s);
+  if (n_prompt == 0) return abort_all(Status::InvalidArgument("the prompt encodes to no tokens"));
+  ids.resize(static_cast<size_t>(n_prompt));
+  if (Status s = comm.Broadcast(ids.data(), ids.size() * 4, 0); !s.ok()) return abort_all(s);
+
+  parallel::EngineOptions eo;
+  eo.window = a.window;
+  eo.window_mode = *wm;
+  eo.direct_io = a.direct_io;
+  eo.allreduce = *algo;
+  StatusOr<std::unique_ptr<parallel::TpEngine>> engine = parallel::TpEngine::Open(a.shards, comm, eo);
+  if (!engine.ok()) return abort_all(engine.status());
+  parallel::TpEngine& e = **engine;
+  const int64_t vocab = e.config().vocab_size;
+  if (n_prompt + a.max_tokens > e.max_seq()) {
+    return abort_all(Status::InvalidArgument(
+        "prompt (" + std::to_string(n_prompt) + " tokens) + --max-tokens exceeds the context of " +
+        std::to_string(e.max_seq()) + " tokens"));
+  }
+
+  const bool dump = !a.dump_logits.empty();
+  std::vector<float> logits, dumped;
+  std::vector<int32_t> dumped_tokens(ids.begin(), ids.end());
+  Sampler sampler({a.greedy, a.temperature, a.top_p, a.seed});
+  std::string text;
+  const int64_t t0 = NowNs();
+  if (Status s = e.Forward(ids.data(), n_prompt, 0, dump, &logits); !s.ok()) return abort_all(s);
+  int64_t t_first = 0, generated = 0;
+  int64_t pos = n_prompt;
+  while (true) {
+    int32_t next = -1;
+    if (rank == 0) {
+      if (dump) dumped.insert(dumped.end(), logits.begin(), logits.end());
+      const float* last = logits.data() + logits.size() - static_cast<size_t>(vocab);
+      next = sampler.Sample(last, vocab);
+      if (generated == 0) t_first = NowNs();
+      const bool stop = next == tok->eos_id() || generated >= a.max_tokens;
+      if (!stop) {
+        const std::string piece = tok->DecodePiece(next);
+        text += piece;
+        if (!a.json) {
+          std::fputs(piece.c_str(), stdout);
+          std::fflush(stdout);
+        }
+      } else {
+        next = -1;
+      }
+    }
+    if (Status s = comm.Broadcast(&next, sizeof(next), 0); !s.ok()) return abort_all(s);
+    if (next < 0) break;
+    ++generated;
+    dumped_tokens.push_back(next);
+    if (Status s = e.Forward(&next, 1, pos++, false, &logits); !s.ok()) return abort_all(s);
+  }
+  const int64_t t_end = NowNs();
+
+  // Per-rank figures to rank 0.
+  int64_t mine[2] = {PeakRssBytes(), e.weight_wait_ns()};
+  std::vector<int64_t> all(2 * static_cast<size_t>(comm.size()));
+  if (Status s = comm.Allgather(mine, all.data(), sizeof(mine)); !s.ok()) return abort_all(s);
+  if (rank != 0) return 0;
+  const double ttft_ms = static_cast<double>(t_first - t0) / 1e6;
+  const double prefill_tps = static_cast<double>(n_prompt) / (ttft_ms / 1e3);
+  const double decode_s = static_cast<double>(t_end - t_first) / 1e9;
+  const double decode_tps = generated > 1 ? static_cast<double>(generated - 1) / decode_s : 0;
+  nlohmann::json j = {{"text", text}, {"prompt_tokens", n_prompt}, {"tokens", generated},
+                      {"ttft_ms", ttft_ms}, {"prefill_tokens_per_s", prefill_tps},
+                      {"decode_tokens_per_s", decode_tps}, {"ranks", comm.size()},
+                      {"window", a.window}, {"window_mode", memory::WindowModeName(e.window_mode())},
+                      {"allreduce", a.allreduce}, {"transport", a.transport},
+                      {"peak_rss_bytes", nlohmann::json::array()},
+                      {"weight_wait_ms", nlohmann::json::array()}};
+  for (int r = 0; r < comm.size(); ++r) {
+    j["peak_rss_bytes"].push_back(all[2 * r]);
+    j["weight_wait_ms"].push_back(static_cast<double>(all[2 * r + 1]) / 1e6);
+  }
+  if (dump) {
+    std::string err;
+    const std::string bytes(reinterpret_cast<const char*>(dumped.data()), dumped.size() * 4);
+    nlohmann::json side = {{"dtype", "f32"},
+                           {"shape", {dumped.size() / static_cast<size_t>(vocab), vocab}},
+                           {"tokens", dumped_tokens},
+                           {"note", "row i holds the logits after the token at position i"}};
+    if (!WriteFileAtomically(a.dump_logits, bytes, &err) ||
+        !WriteFileAtomically(a.dump_logits + ".json", side.dump(1) + "\n", &err)) {
+      std::fprintf(stderr, "strata infer: cannot write logits: %s\n", err.c_str());
+      return 1;
+    }
+  }
+  if (a.json) {
+    // A model may emit byte pieces that are not valid UTF-8 on their own: replace, don't throw.
+    std::printf("%s\n", j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
+  } else {
+    std::printf("\n");
+    std::fprintf(stderr,
+                 "ttft %.1f ms, prefill %.1f tokens/s, decode %.2f tokens/s (%lld tokens), "
+                 "%d rank(s), window %d (%s)\n",
+                 ttft_ms, prefill_tps, decode_tps, static_cast<long long>(generated), comm.size(),
+                 a.window, memory::WindowModeName(e.window_mode()));
+    for (int r = 0; r < comm.size(); ++r) {
+      std::fprintf(stderr, "  rank %d: peak RSS %.1f MiB, waited %.1f ms for weights\n", r,
+                   static_cast<double>(all[2 * r]) / (1 << 20),
+                   static_cast<double>(all[2 * r + 1]) / 1e6);
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+void AddInferCommand(CLI::App& root, std::vector<Command>& commands) {
+  auto a = std::make_shared<InferArgs>();
+  CLI::App* app = root.add_subcommand(
+      "infer",
+      "Tensor-parallel generation: launch one rank per shard of a folder written by "
+      "`strata shard`, e.g.\n"
+      "  mpirun -np 2 strata infer --shards ./tl2 --prompt \"Once upon a time\" --max-tokens 64\n"
+      "Rank 0 tokenizes, samples and prints; every rank computes its heads and FFN columns with "
+      "weights streamed through a window of --window blocks; two allreduces join each layer.");
+  app->add_option("--shards", a->shards, "Folder written by strata shard")->required();
+  app->add_option("--prompt", a->prompt, "Prompt text")->required();
+  app->add_option("--max-tokens", a->max_tokens, "Tokens to generate")->capture_default_str();
+  app->add_option("--temperature", a->temperature, "Sampling temperature")->capture_default_str();
+  app->add_option("--top-p", a->top_p, "Nucleus sampling mass")->capture_default_str();
+  app->add_option("--seed", a->seed, "Sampling seed")->capture_default_str();
+  app->add_flag("--greedy", a->greedy, "Always take the most likely token");
+  app->add_option("--window", a->window,
+                  "Blocks (half layers) of weights in memory at once; 0 = all resident")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
+  app->add_option("--window-mode", a->window_mode,
+                  "auto (map if the shard is in page cache, else copy), copy (pread into slots), "
+                  "map (zero-copy mmap + madvise)")
+      ->capture_default_str();
+  app->add_flag("--direct-io", a->direct_io, "Read blocks with O_DIRECT (bypass the page cache)");
+  app->add_option("--allreduce", a->allreduce, "star, ring, tree, native or auto")
+      ->capture_default_str();
+  app->add_option("--transport", a->transport, "mpi or tcp")->capture_default_str();
+  app->add_flag("--json", a->json, "Print one JSON object (text, tokens, ttft_ms, "
+                                   "decode_tokens_per_s, peak_rss_bytes, weight_wait_ms)");
+  app->add_option("--dump-logits", a->dump_logits,
+                  "Write the logits of every position (raw f32) and FILE.json (shape, tokens)");
+  commands.push_back({app, [a]() { return RunInfer(*a); }});
+}
+
+}  // namespace strata::launcher

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# End to end through the command line: strata shard + mpirun strata infer on 1 and 2 ranks;
+# the 2-rank logits (every prompt and generated position) must equal the 1-rank ones, greedy
+# tokens must be identical, and a shard folder for the wrong rank count must fail, not hang.
+#   infer_cli_test.sh STRATA_BINARY SOURCE_DIR
+set -euo pipefail
+STRATA="$1"; SRC="$2"
+WORK="$(mktemp -d /tmp/strata-infer-cli-XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+MPIRUN=(mpirun --oversubscribe)
+
+/usr/bin/python3 "$SRC/tests/reference/make_tiny_llama.py" --out "$WORK/model" > /dev/null
+"$STRATA" shard --model "$WORK/model" --ranks 1 --out "$WORK/s1" 2> /dev/null
+"$STRATA" shard --model "$WORK/model" --ranks 2 --dtype f32 --out "$WORK/s2" 2> /dev/null
+for n in 1 2; do
+  "${MPIRUN[@]}" -np $n "$STRATA" infer --shards "$WORK/s$n" --prompt "Once upon a time" \
+    --max-tokens 16 --greedy --json --dump-logits "$WORK/l$n.f32" > "$WORK/out$n.json"
+done
+/usr/bin/python3 - "$WORK" <<'PY'
+import json, sys
+import numpy as np
+w = sys.argv[1]
+a = np.fromfile(f"{w}/l1.f32", "<f4"); b = np.fromfile(f"{w}/l2.f32", "<f4")
+assert a.shape == b.shape and a.size > 0, (a.shape, b.shape)
+err = float(np.abs(a - b).max() / np.abs(a).max())
+assert err <= 1e-5, f"2-rank logits differ from 1-rank: {err}"
+s1 = json.load(open(f"{w}/l1.f32.json")); s2 = json.load(open(f"{w}/l2.f32.json"))
+assert s1["tokens"] == s2["tokens"], "greedy tokens differ"
+assert s1["shape"][0] * s1["shape"][1] == a.size
+o = json.load(open(f"{w}/out2.json"))
+for key in ("text", "tokens", "ttft_ms", "decode_tokens_per_s", "peak_rss_bytes", "weight_wait_ms"):
+    assert key in o, key
+assert len(o["peak_rss_bytes"]) == 2 and o["tokens"] > 0
+print(f"infer_cli_test: 1 vs 2 ranks rel err {err:.2e}, {o['tokens']} tokens identical")
+PY
+# Shards for 2 ranks launched on 1: a clear error and a non-zero exit, within the time limit.
+if timeout 60 "${MPIRUN[@]}" -np 1 "$STRATA" infer --shards "$WORK/s2" --prompt x --max-tokens 1 \
+    2> "$WORK/err.txt"; then
+  echo "infer_cli_test: wrong rank count was accepted"; exit 1
+fi
+grep -q "shard the model for 1 ranks" "$WORK/err.txt" || { cat "$WORK/err.txt"; exit 1; }
+echo "infer_cli_test: passed"
