@@ -184,11 +184,24 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
     return Status::OutOfRange(fmt::format("positions [{}, {}) exceed the KV cache of {} tokens",
                                           pos, pos + n, max_seq_));
   }
-  std::vector<float> x(static_cast<size_t>(n * hidden)), h(x.size()), part(x.size());
-  std::vector<float> q(static_cast<size_t>(n * heads_ * hd)), att(q.size());
-  std::vector<float> k(static_cast<size_t>(n * kv_heads_ * hd)), v(k.size());
-  std::vector<float> gate(static_cast<size_t>(n * ffn_)), up(gate.size());
-  std::vector<int32_t> positions(static_cast<size_t>(n));
+  // Activations live in members that only grow: a decode step allocates nothing.
+  Scratch& sc = scratch_;
+  auto fit = [](std::vector<float>& v, int64_t size) {
+    if (v.size() < static_cast<size_t>(size)) v.resize(static_cast<size_t>(size));
+  };
+  fit(sc.x, n * hidden);
+  fit(sc.h, n * hidden);
+  fit(sc.part, n * hidden);
+  fit(sc.q, n * heads_ * hd);
+  fit(sc.att, n * heads_ * hd);
+  fit(sc.k, n * kv_heads_ * hd);
+  fit(sc.v, n * kv_heads_ * hd);
+  fit(sc.gate, n * ffn_);
+  fit(sc.up, n * ffn_);
+  if (sc.positions.size() < static_cast<size_t>(n)) sc.positions.resize(static_cast<size_t>(n));
+  std::vector<float>&x = sc.x, &h = sc.h, &part = sc.part, &q = sc.q, &att = sc.att, &k = sc.k,
+                     &v = sc.v, &gate = sc.gate, &up = sc.up;
+  std::vector<int32_t>& positions = sc.positions;
   for (int64_t t = 0; t < n; ++t) positions[t] = static_cast<int32_t>(pos + t);
   STRATA_RETURN_IF_ERROR(Embed(tokens, n, x.data()));
 

@@ -75,6 +75,11 @@ class TpEngine {
   std::vector<float> final_norm_;
   std::vector<uint8_t> embed_, lm_head_;
   std::vector<AlignedBuffer> k_cache_, v_cache_;  // per layer [max_seq, kv_heads_, head_dim]
+  struct Scratch {
+    std::vector<float> x, h, part, q, att, k, v, gate, up;
+    std::vector<int32_t> positions;
+  };
+  Scratch scratch_;
   ThreadPool* pool_ = nullptr;
   int64_t allreduce_ns_ = 0;
 };
