@@ -71,17 +71,7 @@ int RunShard(const ShardArgs& a) {
   if (!plan.ok()) return fail(plan.status());
   std::fprintf(stderr, "strata shard: %s -> %s, %d rank(s), %s weights\n%s", a.model.c_str(),
                a.out.c_str(), a.ranks, a.dtype.c_str(), plan->ToString().c_str());
-  std::vector<proto::RankSlice> slices;
-  for (const parallel::RankSlice& s : plan->slices) {
-    proto::RankSlice p;
-    p.set_kv_head_begin(s.kv_head_begin);
-    p.set_kv_head_end(s.kv_head_end);
-    p.set_head_begin(s.head_begin);
-    p.set_head_end(s.head_end);
-    p.set_ffn_begin(s.ffn_begin);
-    p.set_ffn_end(s.ffn_end);
-    slices.push_back(p);
-  }
+  std::vector<proto::RankSlice> slices = parallel::ToProtoSlices(*plan);
   ProgressBar bar("writing tensors");
   runtime::ShardWriteOptions opts;
   opts.weight_dtype = a.dtype;

@@ -123,6 +123,21 @@ StatusOr<TpPlan> MakeTpPlan(const PlanShape& shape, int ranks, std::vector<doubl
   return plan;
 }
 
+std::vector<proto::RankSlice> ToProtoSlices(const TpPlan& plan) {
+  std::vector<proto::RankSlice> out;
+  for (const RankSlice& s : plan.slices) {
+    proto::RankSlice p;
+    p.set_kv_head_begin(s.kv_head_begin);
+    p.set_kv_head_end(s.kv_head_end);
+    p.set_head_begin(s.head_begin);
+    p.set_head_end(s.head_end);
+    p.set_ffn_begin(s.ffn_begin);
+    p.set_ffn_end(s.ffn_end);
+    out.push_back(p);
+  }
+  return out;
+}
+
 std::string TpPlan::ToString() const {
   std::string out;
   for (size_t r = 0; r < slices.size(); ++r) {

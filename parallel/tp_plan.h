@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "proto/shard.pb.h"
 
 namespace strata::parallel {
 
@@ -43,6 +44,9 @@ struct TpPlan {
 // unit, so the plan is deterministic and every rank computes the same one. Errors: ranks > kv
 // heads or > FFN units, non-positive ratios, shapes that do not divide (heads % kv_heads).
 StatusOr<TpPlan> MakeTpPlan(const PlanShape& shape, int ranks, std::vector<double> ratios);
+
+// The slices as the shard manifest stores them.
+std::vector<proto::RankSlice> ToProtoSlices(const TpPlan& plan);
 
 // "2,1,1" -> {2, 1, 1}.
 StatusOr<std::vector<double>> ParseRatios(const std::string& text);

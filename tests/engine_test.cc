@@ -71,17 +71,7 @@ class EngineTest : public ::testing::Test {
     auto plan = MakeTpPlan({c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32},
                            ranks, {});
     ASSERT_TRUE(plan.ok());
-    std::vector<proto::RankSlice> slices;
-    for (const auto& s : plan->slices) {
-      proto::RankSlice p;
-      p.set_kv_head_begin(s.kv_head_begin);
-      p.set_kv_head_end(s.kv_head_end);
-      p.set_head_begin(s.head_begin);
-      p.set_head_end(s.head_end);
-      p.set_ffn_begin(s.ffn_begin);
-      p.set_ffn_end(s.ffn_end);
-      slices.push_back(p);
-    }
+    std::vector<proto::RankSlice> slices = ToProtoSlices(*plan);
     runtime::ShardWriteOptions o;
     o.weight_dtype = dtype;
     Status st = runtime::WriteShardFolder(m, slices, plan->ratios, ShardDir(ranks, dtype), o);

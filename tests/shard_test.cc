@@ -42,17 +42,7 @@ class ShardTest : public ::testing::Test {
     StatusOr<parallel::TpPlan> plan = parallel::MakeTpPlan(
         {c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32}, ranks, ratios);
     EXPECT_TRUE(plan.ok()) << plan.status().ToString();
-    std::vector<proto::RankSlice> out;
-    for (const auto& s : plan->slices) {
-      proto::RankSlice p;
-      p.set_kv_head_begin(s.kv_head_begin);
-      p.set_kv_head_end(s.kv_head_end);
-      p.set_head_begin(s.head_begin);
-      p.set_head_end(s.head_end);
-      p.set_ffn_begin(s.ffn_begin);
-      p.set_ffn_end(s.ffn_end);
-      out.push_back(p);
-    }
+    std::vector<proto::RankSlice> out = parallel::ToProtoSlices(*plan);
     return out;
   }
 
