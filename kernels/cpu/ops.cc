@@ -93,14 +93,20 @@ void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, 
   if (M == 1) {
     // Rows split over the pool; 64 rows per chunk at least so small layers stay on one thread.
     ParallelOrInline(pool, static_cast<size_t>(N), 64, [&](size_t b, size_t e) {
-      table.matvec(y, x, w, wt, K, static_cast<int64_t>(b), static_cast<int64_t>(e));
+      // Per thread, grown once: decode calls this 7 times per layer per token.
+      thread_local AlignedBuffer scratch;
+      if (scratch.size() < MatVecScratchBytes(K)) scratch.Resize(MatVecScratchBytes(K));
+      table.matvec(y, x, w, wt, K, static_cast<int64_t>(b), static_cast<int64_t>(e),
+                   scratch.data());
     });
     return;
   }
   SingleThreadBlas();
   const int64_t blocks = (N + kPrefillRows - 1) / kPrefillRows;
   ParallelOrInline(pool, static_cast<size_t>(blocks), 1, [&](size_t b, size_t e) {
-    AlignedBuffer scratch(wt == WeightType::kF32 ? 0 : kPrefillRows * K * sizeof(float));
+    thread_local AlignedBuffer scratch;
+    const size_t need = wt == WeightType::kF32 ? 0 : kPrefillRows * K * sizeof(float);
+    if (scratch.size() < need) scratch.Resize(need);
     for (size_t blk = b; blk < e; ++blk) {
       const int64_t n0 = static_cast<int64_t>(blk) * kPrefillRows;
       const int64_t n1 = std::min(N, n0 + kPrefillRows);
@@ -136,7 +142,8 @@ void AttentionWith(const OpsTable& table, float* out, const float* q, const floa
     max_len = std::max<int64_t>(max_len, positions[t] + 1);
   }
   ParallelOrInline(pool, static_cast<size_t>(n_tokens * n_heads), 1, [&](size_t b, size_t e) {
-    std::vector<float> scratch(static_cast<size_t>(max_len));
+    thread_local std::vector<float> scratch;  // per thread, grown once: no allocation per token
+    if (scratch.size() < static_cast<size_t>(max_len)) scratch.resize(static_cast<size_t>(max_len));
     for (size_t i = b; i < e; ++i) {
       const int64_t t = static_cast<int64_t>(i) / n_heads;
       const int64_t h = static_cast<int64_t>(i) % n_heads;
@@ -171,7 +178,11 @@ void Rope(float* x, int64_t n_tokens, int64_t n_heads, int64_t head_dim, const i
           float theta) {
   STRATA_CHECK_EQ(head_dim % 2, 0);
   const int64_t half = head_dim / 2;
-  std::vector<float> cos_v(static_cast<size_t>(half)), sin_v(static_cast<size_t>(half));
+  thread_local std::vector<float> cos_v, sin_v;  // grown once; Rope runs twice per layer
+  if (cos_v.size() < static_cast<size_t>(half)) {
+    cos_v.resize(static_cast<size_t>(half));
+    sin_v.resize(static_cast<size_t>(half));
+  }
   for (int64_t t = 0; t < n_tokens; ++t) {
     // The same float32 steps as transformers' LlamaRotaryEmbedding, so large positions agree.
     for (int64_t i = 0; i < half; ++i) {

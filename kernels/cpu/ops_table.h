@@ -11,10 +11,16 @@
 
 namespace strata::kernels {
 
+inline size_t MatVecScratchBytes(int64_t K) {
+  return static_cast<size_t>(K) * sizeof(float) + static_cast<size_t>(K / 32 + 1) * sizeof(float);
+}
+
 struct OpsTable {
   // y[n] = dot(W[n], x) for n in [n0, n1): one token. K must be a multiple of 32 for q8_0.
+  // scratch: MatVecScratchBytes(K) bytes, 64-byte aligned, for x rearranged or quantized (the
+  // caller keeps it per thread, so a decode step allocates nothing).
   void (*matvec)(float* y, const float* x, const void* w, WeightType wt, int64_t K, int64_t n0,
-                 int64_t n1);
+                 int64_t n1, void* scratch);
   // dst[(n - n0) * K + k] = W[n, k] as f32 for n in [n0, n1).
   void (*rows_to_f32)(float* dst, const void* w, WeightType wt, int64_t K, int64_t n0, int64_t n1);
   // One (token, head) of attention: out = softmax(q . k[j] * scale) over j < len, times v[j].
