@@ -1,0 +1,1 @@
+# kernels/train.h sources (filled by the training-kernels work)
