@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -57,8 +58,21 @@ class EngineTest : public ::testing::Test {
     for (const char* dtype : {"f32", "q8_0"}) {
       for (int ranks : {1, 2}) Shard(**model, ranks, dtype);
     }
+    // A second model with 4 KV heads, for 3 and 4 ranks; head size 16 with 2 heads per KV group
+    // keeps every rank's o_proj slice a multiple of q8_0's 32-wide blocks. Same tokenizer, so
+    // kPrompt stays in its vocabulary.
+    Run(std::string(STRATA_PYTHON) + " " + STRATA_SOURCE_DIR +
+        "/tests/reference/make_tiny_llama.py --out " + dir_ + "/model4 --tokenizer " + dir_ +
+        "/model/tokenizer.model --seed 1 --hidden 128 --heads 8 --kv-heads 4 --intermediate 224"
+        " > /dev/null");
+    auto model4 = runtime::HfModel::Open(dir_ + "/model4");
+    ASSERT_TRUE(model4.ok()) << model4.status().ToString();
+    model4_ = std::move(*model4);
   }
-  static void TearDownTestSuite() { fs::remove_all(dir_); }
+  static void TearDownTestSuite() {
+    model4_.reset();
+    fs::remove_all(dir_);
+  }
 
   static void Run(const std::string& cmd) { ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd; }
 
@@ -67,15 +81,26 @@ class EngineTest : public ::testing::Test {
   }
 
   static void Shard(const runtime::HfModel& m, int ranks, const std::string& dtype) {
+    ShardTo(m, ranks, {}, dtype, ShardDir(ranks, dtype));
+  }
+
+  // Shards `m` for `ranks` with `ratios` (empty = equal) into `out`; returns the KV heads per rank.
+  static std::vector<int64_t> ShardTo(const runtime::HfModel& m, int ranks,
+                                      const std::vector<double>& ratios, const std::string& dtype,
+                                      const std::string& out) {
     const auto& c = m.config();
     auto plan = MakeTpPlan({c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32},
-                           ranks, {});
-    ASSERT_TRUE(plan.ok());
+                           ranks, ratios);
+    EXPECT_TRUE(plan.ok()) << plan.status().ToString();
+    if (!plan.ok()) return {};
     std::vector<proto::RankSlice> slices = ToProtoSlices(*plan);
     runtime::ShardWriteOptions o;
     o.weight_dtype = dtype;
-    Status st = runtime::WriteShardFolder(m, slices, plan->ratios, ShardDir(ranks, dtype), o);
-    ASSERT_TRUE(st.ok()) << st.ToString();
+    Status st = runtime::WriteShardFolder(m, slices, plan->ratios, out, o);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    std::vector<int64_t> kv;
+    for (const RankSlice& s : plan->slices) kv.push_back(s.kv_heads());
+    return kv;
   }
 
   // One rank, in this process: a tcp communicator of size 1 needs no peers.
@@ -105,6 +130,7 @@ class EngineTest : public ::testing::Test {
   }
 
   static inline std::string dir_;
+  static inline std::unique_ptr<runtime::HfModel> model4_;
   static inline std::vector<float> reference_;
   static inline int64_t vocab_ = 0;
   static inline int counter_ = 0;
@@ -188,6 +214,62 @@ TEST_F(EngineTest, TwoRanksMatchOneRank) {
       });
       for (const auto& r : group.Wait()) {
         EXPECT_EQ(r.exit_code, 0) << dtype << " " << comm::AlgorithmName(algo) << ": " << r.message;
+      }
+    }
+  }
+}
+
+// 3 and 4 ranks, equal and uneven ratios, as processes over tcp: prefill then incremental decode
+// on rank 0 equals the one-rank run of the same weights.
+TEST_F(EngineTest, ThreeAndFourRanksWithUnevenRatiosMatchOneRank) {
+  struct Case {
+    int ranks;
+    std::vector<double> ratios;
+    comm::Algorithm algo;
+    std::vector<int64_t> kv_heads;  // the split the plan must produce, so unevenness is real
+  };
+  const std::vector<Case> cases = {{3, {2, 1, 1}, comm::Algorithm::kRing, {2, 1, 1}},
+                                   {3, {1, 3, 1}, comm::Algorithm::kStar, {1, 2, 1}},
+                                   {4, {}, comm::Algorithm::kStar, {1, 1, 1, 1}},
+                                   {4, {1, 2, 3, 4}, comm::Algorithm::kRing, {1, 1, 1, 1}}};
+  ASSERT_NE(model4_, nullptr);
+  for (const std::string dtype : {"f32", "q8_0"}) {
+    const std::string one_dir = dir_ + "/m4-" + dtype + "-1";
+    ShardTo(*model4_, 1, {}, dtype, one_dir);
+    auto one = SingleRank(one_dir, {}, true);
+    ASSERT_TRUE(one.ok()) << one.status().ToString();
+    const std::vector<float> want = *one;
+    for (size_t k = 0; k < cases.size(); ++k) {
+      const Case& cs = cases[k];
+      const std::string shards = dir_ + "/m4-" + dtype + "-case" + std::to_string(k);
+      ASSERT_EQ(ShardTo(*model4_, cs.ranks, cs.ratios, dtype, shards), cs.kv_heads);
+      comm::tcp::TcpOptions tcp;
+      tcp.ifname = "lo";
+      testing::ProcessGroup group(cs.ranks, tcp, comm::CommConfig{}, [&](comm::Communicator& c) {
+        EngineOptions o;
+        o.allreduce = cs.algo;
+        auto engine = TpEngine::Open(shards, c, o);
+        if (!engine.ok()) return testing::ChildResult{engine.status(), 0};
+        std::vector<float> all, step;
+        Status st = (*engine)->Forward(kPrompt.data(), 4, 0, true, &step);
+        all = step;
+        for (size_t t = 4; st.ok() && t < kPrompt.size(); ++t) {
+          st = (*engine)->Forward(&kPrompt[t], 1, static_cast<int64_t>(t), false, &step);
+          all.insert(all.end(), step.begin(), step.end());
+        }
+        if (st.ok() && c.rank() == 0) {
+          const double err = RelErr(all, want);
+          const double tol = dtype == "f32" ? 1e-5 : 1e-4;
+          if (all.size() != want.size() || !(err <= tol)) {
+            st = Status::Internal(std::to_string(cs.ranks) + "-rank logits differ from 1-rank: "
+                                  "rel err " + std::to_string(err));
+          }
+        }
+        return testing::ChildResult{st, 0};
+      });
+      for (const auto& r : group.Wait()) {
+        EXPECT_EQ(r.exit_code, 0) << dtype << " case " << k << " (" << cs.ranks << " ranks, "
+                                  << comm::AlgorithmName(cs.algo) << "): " << r.message;
       }
     }
   }

@@ -1,1 +1,7 @@
-# (filled by the work on this topic)
+# Tensor-parallel inference matrix (N = 1..4 ranks, uneven --ratios, star/ring/tree allreduce)
+# against one rank, and 32 greedy tokens against PyTorch, through strata shard + mpirun strata
+# infer.
+add_test(NAME strata_infer_matrix COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/infer_matrix_test.sh
+         $<TARGET_FILE:strata> ${PROJECT_SOURCE_DIR})
+set_tests_properties(strata_infer_matrix PROPERTIES
+  ENVIRONMENT "${STRATA_MPI_TEST_ENV}" LABELS "mpi" TIMEOUT 300 PROCESSORS 4)

@@ -5,6 +5,15 @@ independent of strata. Reads a Hugging Face folder (config.json + model.safetens
 index) and writes the logits of every position as raw little-endian f32 [n, vocab].
 
     llama_ref.py --model DIR --tokens 1,5,9 --out logits.f32
+    llama_ref.py --model DIR --tokens 1,5,9 --generate 32 --out greedy.json [--logits-out L.f32]
+
+With --generate N it decodes greedily instead: N times, the full forward is re-run on the whole
+growing sequence (no KV cache, so nothing is shared with an incremental engine) and the argmax
+of the last position is appended; it stops early at the config's eos_token_id, which is not
+appended (as `strata infer` does). The JSON holds "prompt", "tokens" (the generated ids) and
+"min_margin" (smallest gap between the best and second-best logit over the steps, to tell a
+near-tie from a real mismatch). --logits-out also writes the logits of every position of
+prompt + generated tokens, [n + generated, vocab] as above.
 """
 import argparse
 import json
@@ -100,12 +109,37 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--tokens", required=True, help="comma-separated token ids")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="greedily decode N tokens; --out gets JSON")
+    ap.add_argument("--logits-out", help="with --generate: logits of prompt + generated tokens")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg, w = load(args.model)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.generate <= 0:
+        with torch.no_grad():
+            logits = forward(cfg, w, tokens)
+        logits.numpy().astype("<f4").tofile(args.out)
+        return
+    eos = cfg.get("eos_token_id")
+    seq = list(tokens)
+    min_margin = float("inf")
     with torch.no_grad():
-        logits = forward(cfg, w, [int(t) for t in args.tokens.split(",")])
-    logits.numpy().astype("<f4").tofile(args.out)
+        for _ in range(args.generate):
+            last = forward(cfg, w, seq)[-1]
+            top2 = torch.topk(last, 2).values
+            min_margin = min(min_margin, float(top2[0] - top2[1]))
+            nxt = int(torch.argmax(last))
+            if nxt == eos:
+                break
+            seq.append(nxt)
+        if args.logits_out:
+            forward(cfg, w, seq).numpy().astype("<f4").tofile(args.logits_out)
+    result = {"prompt": tokens, "tokens": seq[len(tokens):], "min_margin": min_margin}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, args.out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 
     make_tiny_llama.py --out DIR [--shards 1|2] [--dtype f32|bf16] [--tied]
                        [--tokenizer EXISTING.model] [--seed 0]
+                       [--hidden 64] [--layers 2] [--heads 4] [--kv-heads 2] [--intermediate 160]
 
 DIR gets config.json, model.safetensors (or model-0000K-of-0000N.safetensors shards plus
 model.safetensors.index.json), tokenizer.model (trained here with SentencePiece's own trainer,
@@ -15,7 +16,9 @@ files of expected values that do not depend on strata's parser:
 
 The safetensors files are written by hand (8-byte little-endian header length, JSON header,
 raw little-endian bytes), since the safetensors package is not a dependency. The weights come
-from numpy's seeded generator, so the same --seed gives the same model in every layout.
+from numpy's seeded generator, so the same --seed gives the same model in every layout (and, with the default shape, the same
+model as before the shape options existed). Tensor-parallel tests use the shape options: ranks
+split attention by KV heads, so N ranks need --kv-heads >= N.
 Needs only numpy and sentencepiece (Debian: python3-numpy, python3-sentencepiece).
 """
 import argparse
@@ -28,6 +31,7 @@ import sys
 import numpy as np
 import sentencepiece as spm
 
+# Default shape; every one can be overridden on the command line.
 HIDDEN = 64
 LAYERS = 2
 HEADS = 4
@@ -97,30 +101,32 @@ def bf16_bits_to_f32(b):
     return (b.astype(np.uint32) << 16).view(np.float32)
 
 
-def make_tensors(rng, vocab, tied):
-    head_dim = HIDDEN // HEADS
+def make_tensors(rng, vocab, tied, shape):
+    hidden, heads, kv_heads, inter = (shape["hidden"], shape["heads"], shape["kv_heads"],
+                                      shape["intermediate"])
+    head_dim = hidden // heads
     t = {}
 
     def w(*shape):
         return (rng.standard_normal(shape) * 0.02).astype(np.float32)
 
     def norm():
-        return (1.0 + 0.1 * rng.standard_normal(HIDDEN)).astype(np.float32)
+        return (1.0 + 0.1 * rng.standard_normal(hidden)).astype(np.float32)
 
-    t["model.embed_tokens.weight"] = w(vocab, HIDDEN)
-    for i in range(LAYERS):
+    t["model.embed_tokens.weight"] = w(vocab, hidden)
+    for i in range(shape["layers"]):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = norm()
-        t[p + "self_attn.q_proj.weight"] = w(HEADS * head_dim, HIDDEN)
-        t[p + "self_attn.k_proj.weight"] = w(KV_HEADS * head_dim, HIDDEN)
-        t[p + "self_attn.v_proj.weight"] = w(KV_HEADS * head_dim, HIDDEN)
-        t[p + "self_attn.o_proj.weight"] = w(HIDDEN, HEADS * head_dim)
+        t[p + "self_attn.q_proj.weight"] = w(heads * head_dim, hidden)
+        t[p + "self_attn.k_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.v_proj.weight"] = w(kv_heads * head_dim, hidden)
+        t[p + "self_attn.o_proj.weight"] = w(hidden, heads * head_dim)
         t[p + "post_attention_layernorm.weight"] = norm()
-        t[p + "mlp.gate_proj.weight"] = w(INTERMEDIATE, HIDDEN)
-        t[p + "mlp.up_proj.weight"] = w(INTERMEDIATE, HIDDEN)
-        t[p + "mlp.down_proj.weight"] = w(HIDDEN, INTERMEDIATE)
+        t[p + "mlp.gate_proj.weight"] = w(inter, hidden)
+        t[p + "mlp.up_proj.weight"] = w(inter, hidden)
+        t[p + "mlp.down_proj.weight"] = w(hidden, inter)
     t["model.norm.weight"] = norm()
-    lm_head = w(vocab, HIDDEN)  # drawn either way, so tied and untied share every other tensor
+    lm_head = w(vocab, hidden)  # drawn either way, so tied and untied share every other tensor
     if not tied:
         t["lm_head.weight"] = lm_head
     return t
@@ -153,7 +159,19 @@ def main():
     ap.add_argument("--tied", action="store_true")
     ap.add_argument("--tokenizer", help="reuse this tokenizer.model instead of training one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=HIDDEN)
+    ap.add_argument("--layers", type=int, default=LAYERS)
+    ap.add_argument("--heads", type=int, default=HEADS)
+    ap.add_argument("--kv-heads", type=int, default=KV_HEADS)
+    ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
     args = ap.parse_args()
+    if min(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate) <= 0:
+        ap.error("--hidden, --layers, --heads, --kv-heads and --intermediate must be positive")
+    if args.hidden % args.heads or args.heads % args.kv_heads or (args.hidden // args.heads) % 2:
+        ap.error("need --hidden divisible by --heads into an even head size (RoPE rotates pairs) "
+                 "and --heads divisible by --kv-heads")
+    shape = {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+             "kv_heads": args.kv_heads, "intermediate": args.intermediate}
 
     os.makedirs(args.out, exist_ok=True)
     tok_path = os.path.join(args.out, "tokenizer.model")
@@ -169,11 +187,11 @@ def main():
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": HIDDEN,
-        "intermediate_size": INTERMEDIATE,
-        "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS,
-        "num_key_value_heads": KV_HEADS,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
         "vocab_size": vocab,
         "max_position_embeddings": MAX_POS,
         "rms_norm_eps": 1e-5,
@@ -188,7 +206,7 @@ def main():
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
-    tensors = make_tensors(np.random.default_rng(args.seed), vocab, args.tied)
+    tensors = make_tensors(np.random.default_rng(args.seed), vocab, args.tied, shape)
     checksums = {}
     entries = []
     for name, arr in tensors.items():
