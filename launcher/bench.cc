@@ -1,8 +1,14 @@
 // `strata bench ...`: multi-rank benchmarks launched by mpirun/srun.
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstdio>
+#include <string>
 #include <sstream>
 
 #include "bench/allreduce_driver.h"
+#include "bench/membw.h"
+#include "comm/communicator.h"
 #include "comm/transport/mpi/mpi_transport.h"
 #include "launcher/commands.h"
 
@@ -90,6 +96,51 @@ int RunAllreduce(const AllreduceArgs& a) {
   return 0;
 }
 
+struct MembwArgs {
+  double mib = 1024;
+  int threads = 0;
+  int reps = 5;
+  bool json = false;
+};
+
+int RunMembwCommand(const MembwArgs& a) {
+  auto fail = [](const Status& st) {
+    std::fprintf(stderr, "strata bench membw: %s\n", st.ToString().c_str());
+    return 1;
+  };
+  if (Status st = comm::mpi::EnsureInitialized(nullptr, nullptr); !st.ok()) return fail(st);
+  auto c = comm::CreateFromMpi(MPI_COMM_WORLD, comm::TransportKind::kMpi);
+  if (!c.ok()) return fail(c.status());
+  comm::Communicator& comm = **c;
+  bench::MembwOptions o;
+  o.bytes = static_cast<size_t>(a.mib * 1024 * 1024);
+  const int local = std::max(1, comm.topology().local_size);
+  o.threads = a.threads > 0 ? a.threads
+                            : std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)) / local);
+  o.reps = a.reps;
+  auto r = bench::RunMembw(o, &comm);
+  if (!r.ok()) return fail(r.status());
+  if (comm.rank() == 0) {
+    if (a.json) {
+      std::string per_rank;
+      for (double g : r->all_gbps) per_rank += (per_rank.empty() ? "" : ", ") + std::to_string(g);
+      std::printf("{\"ranks\": %d, \"threads_per_rank\": %d, \"bytes_per_rank\": %zu, "
+                  "\"rank_gbps\": [%s], \"total_gbps\": %.3f, \"rank0_gbps_median\": %.3f}\n",
+                  comm.size(), o.threads, o.bytes, per_rank.c_str(), r->total_gbps,
+                  r->rank_gbps_median);
+    } else {
+      std::printf("streaming read: %d rank(s) x %d thread(s), %.0f MiB each\n", comm.size(),
+                  o.threads, a.mib);
+      for (size_t i = 0; i < r->all_gbps.size(); ++i) {
+        std::printf("  rank %zu  %.2f GB/s (best of %d)\n", i, r->all_gbps[i], o.reps);
+      }
+      std::printf("  total   %.2f GB/s   (rank 0 median %.2f GB/s)\n", r->total_gbps,
+                  r->rank_gbps_median);
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 void AddBenchCommands(CLI::App& root, std::vector<Command>& commands) {
@@ -123,6 +174,23 @@ void AddBenchCommands(CLI::App& root, std::vector<Command>& commands) {
   ar->add_flag("--json", a->json, "Print the results as JSON on stdout (the table goes to stderr)");
   ar->add_option("--out", a->out, "Also write the JSON to this file (temp + fsync + rename)");
   commands.push_back({ar, [a]() { return RunAllreduce(*a); }});
+
+  auto m = std::make_shared<MembwArgs>();
+  CLI::App* mb = bench->add_subcommand(
+      "membw",
+      "Streaming read bandwidth: every rank reads its own buffer with its threads, all ranks at "
+      "once, as decoding ranks read their weights. The decode floor of a model is the bytes a "
+      "rank reads per token divided by this bandwidth.\n"
+      "Example: mpirun -np 2 strata bench membw --threads 1");
+  mb->add_option("--mib", m->mib, "Buffer per rank in MiB (beyond the caches)")
+      ->capture_default_str();
+  mb->add_option("--threads", m->threads, "Threads per rank (0: cores / ranks on the node)")
+      ->capture_default_str();
+  mb->add_option("--reps", m->reps, "Timed passes (the best is reported, and rank 0's median)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  mb->add_flag("--json", m->json, "Print one JSON object");
+  commands.push_back({mb, [m]() { return RunMembwCommand(*m); }});
 }
 
 }  // namespace strata::launcher

@@ -2,7 +2,9 @@
 // main() runs when that subcommand was chosen.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -18,8 +20,12 @@ void AddInfoCommand(CLI::App& root, std::vector<Command>& commands);
 void AddBenchCommands(CLI::App& root, std::vector<Command>& commands);
 void AddShardCommand(CLI::App& root, std::vector<Command>& commands);
 void AddInferCommand(CLI::App& root, std::vector<Command>& commands);
+void AddTrainCommand(CLI::App& root, std::vector<Command>& commands);
 
 // Writes `data` to `path` as temp + fsync + rename, so a crash never leaves half a file.
 bool WriteFileAtomically(const std::string& path, const std::string& data, std::string* error);
+
+// This process's peak resident set (VmHWM) in bytes; -1 when /proc does not say.
+int64_t PeakRssBytes();
 
 }  // namespace strata::launcher

@@ -37,15 +37,6 @@ struct InferArgs {
   std::string dump_logits;
 };
 
-int64_t PeakRssBytes() {
-  std::ifstream in("/proc/self/status");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("VmHWM:", 0) == 0) return std::stoll(line.substr(6)) * 1024;
-  }
-  return -1;
-}
-
 int RunInfer(const InferArgs& a) {
   auto fail = [](const Status& st) {
     std::fprintf(stderr, "strata infer: %s\n", st.ToString().c_str());

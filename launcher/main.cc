@@ -23,6 +23,7 @@ int main(int argc, char** argv) {
   strata::launcher::AddInfoCommand(app, commands);
   strata::launcher::AddShardCommand(app, commands);
   strata::launcher::AddInferCommand(app, commands);
+  strata::launcher::AddTrainCommand(app, commands);
   strata::launcher::AddBenchCommands(app, commands);
 
   CLI11_PARSE(app, argc, argv);

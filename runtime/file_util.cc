@@ -74,4 +74,13 @@ Status WriteFileAtomically(const std::string& path,
   return Status::OK();
 }
 
+Status FsyncPath(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus("open " + path, errno);
+  const int rc = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  return rc == 0 ? Status::OK() : ErrnoStatus("fsync " + path, err);
+}
+
 }  // namespace strata::runtime

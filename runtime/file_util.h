@@ -18,4 +18,11 @@ StatusOr<std::string> ReadFileToString(const std::string& path);
 Status WriteFileAtomically(const std::string& path,
                            const std::vector<std::pair<const void*, size_t>>& pieces);
 
+// fsync a file or a folder by path (a folder: so a rename in it is durable).
+Status FsyncPath(const std::string& path);
+// Writes `data` to `path` atomically (WriteFileAtomically with one piece).
+inline Status WriteFileAtomic(const std::string& path, const std::string& data) {
+  return WriteFileAtomically(path, {{data.data(), data.size()}});
+}
+
 }  // namespace strata::runtime

@@ -17,6 +17,7 @@
 #include "base/logging.h"
 #include "kernels/ops.h"
 #include "kernels/quant.h"
+#include "runtime/file_util.h"
 #include "runtime/hf_model.h"
 
 namespace strata::runtime {
@@ -69,15 +70,6 @@ Status PreadAll(int fd, void* buf, size_t n, uint64_t off, const std::string& pa
     off += static_cast<uint64_t>(r);
   }
   return Status::OK();
-}
-
-Status FsyncPath(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus("open " + path, errno);
-  const int rc = ::fsync(fd);
-  const int err = errno;
-  ::close(fd);
-  return rc == 0 ? Status::OK() : ErrnoStatus("fsync " + path, err);
 }
 
 Status CopyFile(const std::string& from, const std::string& to) {

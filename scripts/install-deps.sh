@@ -15,6 +15,8 @@ packages=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev sentencepiece
   iproute2
+  # The demo's training corpus (the fortune cookies of fortune-mod).
+  fortunes
   # Reference checks only (numerics against PyTorch; tokenizer models for test fixtures).
   python3-torch python3-numpy python3-sentencepiece libopenblas0-pthread
 )

@@ -1,1 +1,9 @@
-# (filled by the work on this topic)
+# Training: the executor and data-parallel step against PyTorch (tests/reference/train_ref.py),
+# and strata train end to end on 1 and 2 ranks.
+strata_add_test(train_test SOURCES train_test.cc DEPS strata_parallel)
+target_compile_definitions(train_test PRIVATE
+  STRATA_SOURCE_DIR="${PROJECT_SOURCE_DIR}" STRATA_PYTHON="/usr/bin/python3")
+add_test(NAME strata_train_cli COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/train_cli_test.sh
+         $<TARGET_FILE:strata> ${PROJECT_SOURCE_DIR})
+set_tests_properties(strata_train_cli PROPERTIES
+  ENVIRONMENT "${STRATA_MPI_TEST_ENV}" LABELS "mpi" TIMEOUT 600)

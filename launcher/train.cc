@@ -1,0 +1,407 @@
+// `strata train`: RAM-centric, data-parallel training across the ranks of an mpirun/srun launch.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "base/clock.h"
+#include "base/thread_pool.h"
+#include "comm/communicator.h"
+#include "comm/transport/mpi/mpi_transport.h"
+#include "launcher/commands.h"
+#include "memory/param_store.h"
+#include "parallel/dp_trainer.h"
+#include "runtime/file_util.h"
+#include "runtime/hf_model.h"
+#include "runtime/llama_config.h"
+#include "runtime/safetensors.h"
+#include "runtime/tokenizer.h"
+#include "runtime/train_data.h"
+#include "runtime/trainer.h"
+
+namespace strata::launcher {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct TrainArgs {
+  std::string model;
+  std::string config;
+  std::string tokenizer;
+  std::string data;
+  std::string save;
+  std::string dump_grads;
+  std::string transport = "mpi";
+  std::string stage = "auto";
+  int threads = 0;
+  bool json = false;
+  bool memory_report = false;
+  uint64_t init_seed = 0;
+  parallel::DpTrainOptions o;
+};
+
+std::string Bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return fmt::format("{:.1f} {}", b, units[u]);
+}
+
+std::string Duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  const int64_t t = static_cast<int64_t>(s + 0.5);
+  if (t >= 3600) return fmt::format("{}h{:02}m", t / 3600, t / 60 % 60);
+  if (t >= 60) return fmt::format("{}m{:02}s", t / 60, t % 60);
+  return fmt::format("{}s", t);
+}
+
+int64_t MemAvailableBytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("MemAvailable:", 0) == 0) return std::stoll(line.substr(13)) * 1024;
+  }
+  return -1;
+}
+
+// A new model's config: a config.json-style size description; vocab and special ids come from
+// the tokenizer when the file does not give them.
+StatusOr<runtime::LlamaConfig> NewModelConfig(const std::string& path,
+                                              const runtime::Tokenizer* tok) {
+  STRATA_ASSIGN_OR_RETURN(std::string text, runtime::ReadFileToString(path));
+  nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (!j.is_object()) return Status::InvalidArgument(path + ": not a JSON object");
+  if (!j.contains("model_type") && !j.contains("architectures")) j["model_type"] = "llama";
+  if (tok != nullptr) {
+    if (!j.contains("vocab_size")) j["vocab_size"] = tok->vocab_size();
+    if (!j.contains("bos_token_id") && tok->bos_id() >= 0) j["bos_token_id"] = tok->bos_id();
+    if (!j.contains("eos_token_id") && tok->eos_id() >= 0) j["eos_token_id"] = tok->eos_id();
+  }
+  return runtime::ParseLlamaConfig(j.dump(), path);
+}
+
+// Dumps the gradients of step 1 (summed over ranks) as safetensors, on rank 0.
+Status DumpGradients(const std::string& path, memory::ParamStore& store, comm::Communicator& comm) {
+  float* g = store.grads();
+  if (comm.size() > 1) {
+    comm::CollectiveOptions co;
+    co.algorithm = comm::Algorithm::kRing;
+    STRATA_RETURN_IF_ERROR(comm.Allreduce(g, g, store.layout().total(), DType::kF32, co));
+  }
+  if (comm.rank() != 0) return Status::OK();
+  std::vector<std::pair<runtime::TensorInfo, const void*>> tensors;
+  for (const memory::ParamEntry& e : store.layout().entries()) {
+    runtime::TensorInfo info;
+    info.name = e.name;
+    info.shape = e.shape;
+    info.bytes = e.numel * sizeof(float);
+    tensors.emplace_back(std::move(info), g + e.offset);
+  }
+  return runtime::WriteSafetensors(path, tensors, {{"content", "gradients of step 1"}});
+}
+
+int RunTrain(TrainArgs a) {
+  Status st = comm::mpi::EnsureInitialized(nullptr, nullptr);
+  if (!st.ok()) {
+    std::fprintf(stderr, "strata train: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  StatusOr<comm::TransportKind> tk = comm::ParseTransportKind(a.transport);
+  if (!tk.ok()) {
+    std::fprintf(stderr, "strata train: %s\n", tk.status().ToString().c_str());
+    return 1;
+  }
+  StatusOr<std::unique_ptr<comm::Communicator>> c = comm::CreateFromMpi(MPI_COMM_WORLD, *tk);
+  if (!c.ok()) {
+    std::fprintf(stderr, "strata train: %s\n", c.status().ToString().c_str());
+    return 1;
+  }
+  comm::Communicator& comm = **c;
+  const int rank = comm.rank(), size = comm.size();
+  // Every rank checks the same inputs, so every rank fails the same way; rank 0 says it.
+  auto fail = [&](const Status& s) {
+    if (rank == 0) std::fprintf(stderr, "strata train: %s\n", s.ToString().c_str());
+    return 1;
+  };
+  // A failure after work started may leave other ranks inside a collective: end the job.
+  auto abort_all = [&](const Status& s) {
+    std::fprintf(stderr, "strata train (rank %d): %s\n", rank, s.ToString().c_str());
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+  };
+
+  // ---- everything that can be wrong with the inputs, before any work ----
+  if (a.model.empty() == a.config.empty()) {
+    return fail(Status::InvalidArgument("give exactly one of --model DIR and --config FILE"));
+  }
+  if (a.data.empty()) return fail(Status::InvalidArgument("--data FILE is required"));
+  if (a.o.steps < 1) return fail(Status::InvalidArgument("--steps must be >= 1"));
+  if (!(a.o.lr > 0)) return fail(Status::InvalidArgument("--lr must be > 0"));
+  if (a.stage == "copy") {
+    a.o.stage = runtime::StageMode::kCopy;
+  } else if (a.stage == "zero-copy") {
+    a.o.stage = runtime::StageMode::kZeroCopy;
+  } else if (a.stage != "auto") {
+    return fail(Status::InvalidArgument("--stage must be auto, zero-copy or copy"));
+  }
+  std::unique_ptr<runtime::HfModel> model;
+  runtime::LlamaConfig config;
+  std::string tok_path = a.tokenizer;
+  if (!a.model.empty()) {
+    StatusOr<std::unique_ptr<runtime::HfModel>> m = runtime::HfModel::Open(a.model);
+    if (!m.ok()) return fail(m.status());
+    model = std::move(*m);
+    config = model->config();
+    if (tok_path.empty()) tok_path = model->tokenizer_path();
+  }
+  std::unique_ptr<runtime::Tokenizer> tok;
+  if (!tok_path.empty()) {
+    StatusOr<std::unique_ptr<runtime::Tokenizer>> t = runtime::Tokenizer::Load(tok_path);
+    if (!t.ok()) return fail(t.status());
+    tok = std::move(*t);
+  }
+  if (!a.config.empty()) {
+    StatusOr<runtime::LlamaConfig> cfg = NewModelConfig(a.config, tok.get());
+    if (!cfg.ok()) return fail(cfg.status());
+    config = *cfg;
+  }
+  if (tok && tok->vocab_size() > config.vocab_size) {
+    return fail(Status::InvalidArgument(fmt::format(
+        "the tokenizer has {} pieces but the model's vocabulary only {}", tok->vocab_size(),
+        config.vocab_size)));
+  }
+  if (a.o.seq > config.max_position_embeddings) {
+    return fail(Status::InvalidArgument(fmt::format(
+        "--seq {} is longer than the model allows (max_position_embeddings {})", a.o.seq,
+        config.max_position_embeddings)));
+  }
+  StatusOr<runtime::TokenCorpus> corpus =
+      runtime::TokenCorpus::Load(a.data, tok.get(), config.vocab_size);
+  if (!corpus.ok()) return fail(corpus.status());
+  if (static_cast<int64_t>(corpus->size()) < a.o.seq + 1) {
+    return fail(Status::InvalidArgument(fmt::format(
+        "{} has {} tokens, fewer than one sequence of --seq {} + 1", a.data, corpus->size(),
+        a.o.seq)));
+  }
+  StatusOr<memory::ParamLayout> layout = runtime::LlamaParamLayout(config, size);
+  if (!layout.ok()) return fail(layout.status());
+  runtime::ExecutorOptions eo;
+  eo.batch = a.o.micro_batch > 0 ? a.o.micro_batch : a.o.batch / std::max(1, size);
+  eo.seq = a.o.seq;
+  eo.anchor_every = a.o.anchor_every;
+  eo.ce_chunk_tokens = a.o.ce_chunk_tokens;
+  eo.stage = a.o.stage;
+  const runtime::ExecutorMemory em = runtime::TrainExecutor::Estimate(config, eo);
+  const size_t store_bytes = (2 * layout->total() + 2 * layout->slice_size()) * sizeof(float);
+  const double need = static_cast<double>(store_bytes + em.total());
+  const int64_t avail = MemAvailableBytes();
+  // Ranks on one node share its memory.
+  const int local_ranks = std::max(1, comm.topology().local_size);
+  if (avail > 0 && need * local_ranks > static_cast<double>(avail)) {
+    return fail(Status::ResourceExhausted(fmt::format(
+        "this run needs {} per rank ({} parameters: {} for weights and gradients, {} for this "
+        "rank's AdamW moments; {} activations and workspaces), {} for the {} ranks on this node, "
+        "but only {} is available. Use fewer ranks per node, a smaller --batch/--micro-batch or "
+        "--seq, or a larger --anchor-every.",
+        Bytes(need), layout->num_params(), Bytes(2.0 * layout->total() * 4),
+        Bytes(2.0 * layout->slice_size() * 4), Bytes(static_cast<double>(em.total())),
+        Bytes(need * local_ranks), local_ranks, Bytes(static_cast<double>(avail)))));
+  }
+
+  // ---- the run ----
+  memory::ParamStoreOptions so;
+  so.rank = rank;
+  StatusOr<std::unique_ptr<memory::ParamStore>> store =
+      memory::ParamStore::Create(std::move(*layout), so);
+  if (!store.ok()) return abort_all(store.status());
+  memory::ParamStore& ps = **store;
+  if (model) {
+    if (Status s = runtime::LoadLlamaParams(ps, *model); !s.ok()) return abort_all(s);
+  } else {
+    runtime::InitLlamaParams(ps, a.init_seed);  // same seed on every rank: identical replicas
+  }
+  const int threads = a.threads > 0 ? a.threads
+                                    : std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)) /
+                                                      local_ranks);
+  ThreadPool pool(threads);
+  StatusOr<std::unique_ptr<parallel::DpTrainer>> trainer =
+      parallel::DpTrainer::Create(config, &ps, &comm, a.o, &pool);
+  if (!trainer.ok()) return fail(trainer.status());
+  parallel::DpTrainer& tr = **trainer;
+
+  if (rank == 0) {
+    std::fprintf(stderr,
+                 "strata train: %zu parameters, %lld layers, vocab %lld; %d rank(s) x %d "
+                 "thread(s); global batch %lld x %lld tokens; corpus %zu tokens (unigram "
+                 "entropy %.3f nats)\n",
+                 ps.layout().num_params(), static_cast<long long>(config.num_hidden_layers),
+                 static_cast<long long>(config.vocab_size), size, threads,
+                 static_cast<long long>(a.o.batch), static_cast<long long>(a.o.seq),
+                 corpus->size(), runtime::UnigramEntropy(corpus->tokens()));
+  }
+  if (a.memory_report && rank == 0) {
+    const runtime::ExecutorMemory m = tr.executor().memory();
+    std::fprintf(stderr,
+                 "memory report (rank 0, host RAM):\n"
+                 "  parameters (f32 master)   %12s\n"
+                 "  gradients                 %12s\n"
+                 "  AdamW moments (own slice) %12s\n"
+                 "  activations (anchors)     %12s\n"
+                 "  layer workspace           %12s\n"
+                 "  staging slots             %12s\n"
+                 "  loss chunk                %12s\n"
+                 "  total                     %12s\n",
+                 Bytes(ps.weights_bytes()).c_str(), Bytes(ps.weights_bytes()).c_str(),
+                 Bytes(ps.moments_bytes()).c_str(), Bytes(m.anchors).c_str(),
+                 Bytes(m.workspace).c_str(), Bytes(m.staging).c_str(),
+                 Bytes(m.loss_scratch).c_str(), Bytes(ps.arena_bytes() + m.total()).c_str());
+  }
+  if (!a.dump_grads.empty()) {
+    StatusOr<double> l = tr.ComputeGradients(*corpus, 1);
+    if (!l.ok()) return abort_all(l.status());
+    if (Status s = DumpGradients(a.dump_grads, ps, comm); !s.ok()) return abort_all(s);
+    if (rank == 0) std::fprintf(stderr, "strata train: gradients of step 1 in %s\n", a.dump_grads.c_str());
+  }
+
+  const bool tty = isatty(STDERR_FILENO);
+  const uint64_t t_start = NowNs();
+  double last_loss = 0;
+  for (int64_t step = 1; step <= a.o.steps; ++step) {
+    StatusOr<parallel::StepStats> s = tr.Step(*corpus, step);
+    if (!s.ok()) return abort_all(s.status());
+    last_loss = s->loss;
+    const double tps = static_cast<double>(a.o.batch * a.o.seq) / s->seconds;
+    int64_t rss = PeakRssBytes();
+    std::vector<int64_t> all_rss(static_cast<size_t>(size));
+    if (Status g = comm.Allgather(&rss, all_rss.data(), sizeof(rss)); !g.ok()) return abort_all(g);
+    if (rank != 0) continue;
+    if (a.json) {
+      nlohmann::ordered_json j;
+      j["step"] = step;
+      j["loss"] = s->loss;
+      j["tokens_per_s"] = tps;
+      j["peak_rss_bytes"] = all_rss;
+      j["lr"] = s->lr;
+      j["grad_norm"] = s->grad_norm;
+      j["step_s"] = s->seconds;
+      j["compute_s"] = s->compute_seconds;
+      j["comm_s"] = s->comm_seconds;
+      j["optimizer_s"] = s->optimizer_seconds;
+      std::printf("%s\n", j.dump().c_str());
+      std::fflush(stdout);
+    }
+    const double elapsed = static_cast<double>(NowNs() - t_start) / 1e9;
+    const double eta = elapsed / static_cast<double>(step) * static_cast<double>(a.o.steps - step);
+    const std::string line = fmt::format("step {}/{}  loss {:.4f}  {:.0f} tok/s  lr {:.2e}  ETA {}",
+                                         step, a.o.steps, s->loss, tps, s->lr, Duration(eta));
+    if (tty) {
+      std::fprintf(stderr, "\r%s   ", line.c_str());
+      if (step == a.o.steps) std::fputc('\n', stderr);
+    } else if (step == 1 || step == a.o.steps || step % std::max<int64_t>(1, a.o.steps / 20) == 0) {
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+  }
+  const double total_s = static_cast<double>(NowNs() - t_start) / 1e9;
+  if (rank == 0) {
+    std::fprintf(stderr, "strata train: %lld steps in %s, final loss %.4f, peak RSS %s (rank 0)\n",
+                 static_cast<long long>(a.o.steps), Duration(total_s).c_str(), last_loss,
+                 Bytes(static_cast<double>(PeakRssBytes())).c_str());
+    if (!a.save.empty()) {
+      if (Status s = runtime::SaveHfFolder(ps, config, a.save, tok_path); !s.ok()) {
+        return abort_all(s);
+      }
+      std::fprintf(stderr, "strata train: saved the model to %s (strata shard --model %s ...)\n",
+                   a.save.c_str(), a.save.c_str());
+    }
+  }
+  if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
+  return 0;
+}
+
+}  // namespace
+
+void AddTrainCommand(CLI::App& root, std::vector<Command>& commands) {
+  auto a = std::make_shared<TrainArgs>();
+  CLI::App* app = root.add_subcommand(
+      "train",
+      "Train a Llama-family model, data-parallel across the ranks of an mpirun/srun launch.\n"
+      "Host RAM holds the fp32 master weights, gradients and AdamW moments (each rank keeps the\n"
+      "moments of its own slice); layers stream through compute one at a time, only layer-\n"
+      "boundary activations are kept, and each layer's forward is recomputed for its backward.\n"
+      "Examples:\n"
+      "  strata train --config small.json --tokenizer sp.model --data corpus.txt --steps 200 \\\n"
+      "      --save out/model\n"
+      "  mpirun -np 2 strata train --model hf_dir --data corpus.txt --batch 16 --json");
+  app->add_option("--model", a->model, "continue training a Hugging Face folder");
+  app->add_option("--config", a->config,
+                  "start a new model from a config.json-style size description (hidden_size, "
+                  "intermediate_size, num_hidden_layers, num_attention_heads, "
+                  "num_key_value_heads, max_position_embeddings; vocab_size defaults to the "
+                  "tokenizer's)");
+  app->add_option("--tokenizer", a->tokenizer,
+                  "SentencePiece model for text data (default: the model folder's)");
+  app->add_option("--data", a->data,
+                  "training text (documents split at blank lines and '%' lines), or "
+                  "pre-tokenized little-endian int32 ids in a .tok/.i32 file")
+      ->required();
+  app->add_option("--steps", a->o.steps, "optimizer steps")->capture_default_str();
+  app->add_option("--batch", a->o.batch, "sequences per step, across all ranks")
+      ->capture_default_str();
+  app->add_option("--micro-batch", a->o.micro_batch,
+                  "sequences per forward/backward on a rank (0: the rank's whole share); "
+                  "smaller bounds activation memory")
+      ->capture_default_str();
+  app->add_option("--seq", a->o.seq, "tokens per sequence")->capture_default_str();
+  app->add_option("--lr", a->o.lr, "peak learning rate")->capture_default_str();
+  app->add_option("--warmup", a->o.warmup, "steps of linear warmup")->capture_default_str();
+  app->add_option("--min-lr-ratio", a->o.min_lr_ratio,
+                  "cosine decay ends at lr times this")->capture_default_str();
+  app->add_option("--weight-decay", a->o.weight_decay, "AdamW decoupled weight decay")
+      ->capture_default_str();
+  app->add_option("--beta1", a->o.beta1, "AdamW beta1")->capture_default_str();
+  app->add_option("--beta2", a->o.beta2, "AdamW beta2")->capture_default_str();
+  app->add_option("--clip", a->o.clip, "clip the global gradient norm to this (0: off)")
+      ->capture_default_str();
+  app->add_option("--seed", a->o.seed, "data order")->capture_default_str();
+  app->add_option("--init-seed", a->init_seed, "weights of a new model (--config)")
+      ->capture_default_str();
+  app->add_option("--anchor-every", a->o.anchor_every,
+                  "keep a layer-boundary activation every K layers (larger: less memory, "
+                  "more recomputation)")
+      ->capture_default_str();
+  app->add_option("--loss-chunk", a->o.ce_chunk_tokens,
+                  "tokens per chunk of the LM-head cross-entropy")
+      ->capture_default_str();
+  app->add_option("--stage", a->stage,
+                  "weight staging: auto, zero-copy, or copy (double-buffered copies, the "
+                  "discrete-device data path)")
+      ->capture_default_str();
+  app->add_option("--threads", a->threads, "compute threads per rank (0: cores / local ranks)")
+      ->capture_default_str();
+  app->add_option("--transport", a->transport, "rank-to-rank transport: mpi or tcp")
+      ->capture_default_str();
+  app->add_option("--save", a->save,
+                  "write the trained model here as a Hugging Face folder (config.json, "
+                  "model.safetensors, tokenizer.model) for strata shard/infer");
+  app->add_option("--dump-grads", a->dump_grads,
+                  "write the gradients of step 1 (summed over ranks) as safetensors");
+  app->add_flag("--json", a->json,
+                "print one JSON object per step on stdout (step, loss, tokens_per_s, "
+                "peak_rss_bytes per rank, ...)");
+  app->add_flag("--memory-report", a->memory_report,
+                "print the host-memory breakdown (parameters, gradients, moments, "
+                "activations, workspaces) before training");
+  commands.push_back({app, [a] { return RunTrain(*a); }});
+}
+
+}  // namespace strata::launcher

@@ -1,0 +1,175 @@
+// The streaming training executor of one rank: a Llama's forward and hand-written backward over a
+// micro-batch, layer by layer, with weights taken from the host parameter store
+// (memory/param_store.h) and gradients accumulated back into it.
+//
+// Memory grows with parameters, not with depth x activations:
+// - forward keeps only layer-boundary activations, an "anchor" every `anchor_every` layers;
+// - backward walks the segments between anchors in reverse: it recomputes the segment's layer
+//   inputs from its anchor, then for each layer (last first) recomputes the layer's internals
+//   into one shared workspace and runs the layer's backward (kernels/train.h);
+// - the LM head's cross-entropy runs in chunks of tokens, so [tokens, vocab] logits never exist.
+//
+// Weights reach compute through two staging slots: while layer i computes, a stager thread fills
+// the other slot with the next layer in the walk order (forward 0..L-1, then per segment the
+// recompute and the reverse walk). Compute here is the CPU, which shares host memory, so for f32
+// staging is zero-copy by default; StageMode::kCopy makes real double-buffered copies, the data
+// path a discrete device (a CUDA backend, not built yet) would use, bit-identical on the CPU.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/aligned_buffer.h"
+#include "base/status.h"
+#include "base/thread_pool.h"
+#include "memory/param_store.h"
+#include "runtime/llama_config.h"
+
+namespace strata::runtime {
+
+class HfModel;
+
+// The parameter layout of a Llama: Hugging Face tensor names and shapes (LlamaTensorLayout), the
+// norms without weight decay, finalized for `ranks` data-parallel ranks.
+StatusOr<memory::ParamLayout> LlamaParamLayout(const LlamaConfig& config, int ranks);
+// Hugging Face's LlamaPreTrainedModel init: every matrix and the embedding ~ N(0, 0.02^2), norms 1.
+// Deterministic for a seed (its own generator, independent of any other random state).
+void InitLlamaParams(memory::ParamStore& store, uint64_t seed, float stddev = 0.02f);
+// Copies every tensor of `model` into the store (converting to f32); the model's config must be
+// the one the layout was made from.
+Status LoadLlamaParams(memory::ParamStore& store, const HfModel& model);
+// config.json text for `config` (what ParseLlamaConfig reads back).
+std::string LlamaConfigJson(const LlamaConfig& config);
+// Writes a Hugging Face folder (config.json, model.safetensors in f32, and tokenizer.model copied
+// from `tokenizer_path` when non-empty) to a temporary sibling of `dir`, fsyncs it, then renames
+// it over `dir`, so a crash never leaves a half-written model.
+Status SaveHfFolder(const memory::ParamStore& store, const LlamaConfig& config,
+                    const std::string& dir, const std::string& tokenizer_path);
+
+enum class StageMode { kAuto, kZeroCopy, kCopy };
+
+struct ExecutorOptions {
+  int64_t batch = 1;          // sequences per ForwardBackward call (micro-batch)
+  int64_t seq = 64;           // tokens per sequence (inputs; targets are shifted by one)
+  int anchor_every = 1;       // keep a layer-boundary activation every K layers
+  int64_t ce_chunk_tokens = 128;  // rows of logits alive at once in the loss
+  StageMode stage = StageMode::kAuto;
+  ThreadPool* pool = nullptr;  // null: the caller's thread only
+};
+
+// Host memory the executor holds besides the parameter store, for `strata train --memory-report`.
+struct ExecutorMemory {
+  size_t anchors = 0;      // layer-boundary activations kept from forward to backward
+  size_t workspace = 0;    // one layer's internals, its backward temporaries, the head's
+  size_t staging = 0;      // the two weight staging slots (0 when zero-copy)
+  size_t loss_scratch = 0; // one chunk of logits (kernels/train.h CrossEntropyLmHead)
+  size_t total() const { return anchors + workspace + staging + loss_scratch; }
+};
+
+class TrainExecutor {
+ public:
+  static StatusOr<std::unique_ptr<TrainExecutor>> Create(const LlamaConfig& config,
+                                                         memory::ParamStore* store,
+                                                         const ExecutorOptions& options);
+  ~TrainExecutor();
+
+  // tokens: [batch, seq + 1] ids; inputs are tokens[:, :seq], targets tokens[:, 1:] (a target
+  // < 0 is ignored). Runs forward and backward; gradients of grad_scale * (sum of token losses)
+  // are ADDED to the store's gradients. Returns the sum of the token losses.
+  // InvalidArgument for an id outside the vocabulary.
+  StatusOr<double> ForwardBackward(const int32_t* tokens, float grad_scale);
+  // Forward and loss only (no gradients): the sum of the token losses.
+  StatusOr<double> Loss(const int32_t* tokens);
+
+  // What Create will allocate for `config` and `options`, computed without allocating (so a
+  // launcher can refuse a run that does not fit before any work starts).
+  static ExecutorMemory Estimate(const LlamaConfig& config, const ExecutorOptions& options);
+  ExecutorMemory memory() const;
+  bool zero_copy() const { return zero_copy_; }
+  // Milliseconds compute waited for a staged layer, summed since creation.
+  double stage_wait_ms() const { return stage_wait_ns_ / 1e6; }
+
+ private:
+  struct LayerWeights {
+    const float* attn_norm;
+    const float* wq;
+    const float* wk;
+    const float* wv;
+    const float* wo;
+    const float* ffn_norm;
+    const float* wg;
+    const float* wu;
+    const float* wd;
+  };
+  struct LayerGrads {
+    float* attn_norm;
+    float* wq;
+    float* wk;
+    float* wv;
+    float* wo;
+    float* ffn_norm;
+    float* wg;
+    float* wu;
+    float* wd;
+  };
+
+  TrainExecutor() = default;
+  Status CheckTokens(const int32_t* tokens);
+  // Forward of layer `l` from h_in to h_out (distinct buffers), internals left in the workspace.
+  void LayerForward(const LayerWeights& w, const float* h_in, float* h_out);
+  // Backward of the layer whose internals are in the workspace (computed from h_in): dh_ holds
+  // the gradient of the layer's output on entry and of its input on return.
+  void LayerBackward(const LayerWeights& w, const LayerGrads& g, const float* h_in);
+  StatusOr<double> Run(const int32_t* tokens, float grad_scale, bool backward);
+
+  // Staging: the layers of one step in walk order; Acquire(i) returns entry i's weights.
+  void StageStart(std::vector<int> schedule);
+  LayerWeights StageAcquire(size_t i);
+  void StageRelease(size_t i);
+  void StageFinish();
+  void StagerLoop();
+  LayerWeights StoreWeights(int layer) const;
+  LayerGrads StoreGrads(int layer);
+
+  LlamaConfig config_;
+  memory::ParamStore* store_ = nullptr;
+  ExecutorOptions opts_;
+  int64_t n_ = 0;  // tokens per call
+  std::vector<int32_t> ids_, targets_, positions_;
+
+  // Parameter offsets per layer (in the store) and the head's.
+  struct LayerOffsets {
+    const memory::ParamEntry* e[9];
+  };
+  std::vector<LayerOffsets> layers_;
+  const memory::ParamEntry* embed_ = nullptr;
+  const memory::ParamEntry* final_norm_ = nullptr;
+  const memory::ParamEntry* lm_head_ = nullptr;  // the embedding when tied
+
+  // Activations and workspace.
+  std::vector<AlignedBuffer> anchors_;  // input of layer a * K, for a < ceil(L / K)
+  std::vector<AlignedBuffer> segment_;  // inputs of layers inside the segment being recomputed
+  AlignedBuffer ping_, pong_, h_final_;
+  AlignedBuffer a_, q_, k_, v_, o_, lse_, h2_, bn_, g_, u_, s_;
+  AlignedBuffer dh_, ds_, dx_, do_, dq_, dk_, dv_, xf_;
+
+  // Staging slots (copy mode) and the stager thread.
+  bool zero_copy_ = true;
+  AlignedBuffer slot_[2];
+  std::vector<int> schedule_;
+  size_t filled_ = 0;    // entries [0, filled_) have been staged
+  size_t released_ = 0;  // entries [0, released_) have been released
+  bool stop_ = false;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::thread stager_;
+  uint64_t stage_wait_ns_ = 0;
+};
+
+}  // namespace strata::runtime

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# strata train end to end through the command line:
+#  - the same run twice gives byte-identical losses (determinism);
+#  - 2 ranks (mpirun) and 1 rank with the same global batch agree within float tolerance;
+#  - the saved model is a Hugging Face folder that strata shard + strata infer run on 2 ranks;
+#  - --dump-grads writes safetensors; bad input fails clearly before any work.
+#   train_cli_test.sh STRATA_BINARY SOURCE_DIR
+set -euo pipefail
+STRATA="$1"; SRC="$2"
+WORK="$(mktemp -d /tmp/strata-train-cli-XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+MPIRUN=(mpirun --oversubscribe)
+PY=/usr/bin/python3
+
+$PY "$SRC/tests/reference/make_tiny_llama.py" --out "$WORK/model" > /dev/null
+# Any English text will do as a corpus; the tokenizer is the tiny model's own.
+for i in 1 2 3 4 5 6; do cat "$SRC/README.md"; echo; done > "$WORK/corpus.txt"
+ARGS=(--model "$WORK/model" --data "$WORK/corpus.txt" --steps 4 --batch 4 --seq 32 --lr 3e-3
+      --warmup 1 --json --threads 1)
+
+"$STRATA" train "${ARGS[@]}" > "$WORK/a.jsonl" 2> "$WORK/a.err"
+"$STRATA" train "${ARGS[@]}" --dump-grads "$WORK/g1.safetensors" --memory-report \
+  --save "$WORK/trained" > "$WORK/b.jsonl" 2> "$WORK/b.err"
+"${MPIRUN[@]}" -np 2 "$STRATA" train "${ARGS[@]}" > "$WORK/c.jsonl" 2> "$WORK/c.err"
+grep -q "memory report" "$WORK/b.err" || { cat "$WORK/b.err"; exit 1; }
+
+$PY - "$WORK" <<'PY'
+import json, struct, sys
+w = sys.argv[1]
+def losses(name):
+    rows = [json.loads(l) for l in open(f"{w}/{name}.jsonl") if l.strip()]
+    for r in rows:
+        for k in ("step", "loss", "tokens_per_s", "peak_rss_bytes"):
+            assert k in r, (name, k, r)
+    return rows
+a, b, c = losses("a"), losses("b"), losses("c")
+assert len(a) == len(b) == len(c) == 4, (len(a), len(b), len(c))
+# Determinism: JSON carries the double's shortest round-trip repr, so equal text = equal bits.
+assert [r["loss"] for r in a] == [r["loss"] for r in b], "two identical runs differ"
+for x, y in zip(a, c):
+    rel = abs(x["loss"] - y["loss"]) / abs(x["loss"])
+    assert rel < 1e-5, f"1 rank vs 2 ranks: step {x['step']} {x['loss']} vs {y['loss']}"
+assert len(c[0]["peak_rss_bytes"]) == 2
+assert a[-1]["loss"] < a[0]["loss"], "the loss did not fall"
+with open(f"{w}/g1.safetensors", "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(n))
+assert "model.embed_tokens.weight" in header and "lm_head.weight" in header
+print(f"train_cli_test: losses {[round(r['loss'], 4) for r in a]}, 2-rank max rel diff ok")
+PY
+
+# The trained folder loads in the inference path.
+"$STRATA" shard --model "$WORK/trained" --ranks 2 --out "$WORK/shards" 2> /dev/null
+"${MPIRUN[@]}" -np 2 "$STRATA" infer --shards "$WORK/shards" --prompt "strata" --max-tokens 8 \
+  --greedy --json > "$WORK/infer.json"
+grep -q '"tokens"' "$WORK/infer.json"
+
+# Bad input: clear messages, non-zero exits, nothing written.
+expect_fail() {  # expect_fail PATTERN ARGS...
+  local pattern="$1"; shift
+  if "$STRATA" train "$@" > /dev/null 2> "$WORK/err.txt"; then
+    echo "train_cli_test: accepted bad input: $*"; exit 1
+  fi
+  grep -q "$pattern" "$WORK/err.txt" || { echo "expected '$pattern' in:"; cat "$WORK/err.txt"; exit 1; }
+}
+: > "$WORK/empty.txt"
+expect_fail "holds no text" --model "$WORK/model" --data "$WORK/empty.txt" --save "$WORK/never"
+expect_fail "longer than the model allows" --model "$WORK/model" --data "$WORK/corpus.txt" \
+  --seq 100000
+cat > "$WORK/huge.json" <<'EOF'
+{"hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 64,
+ "num_attention_heads": 128, "max_position_embeddings": 256}
+EOF
+expect_fail "needs" --config "$WORK/huge.json" --tokenizer "$WORK/model/tokenizer.model" \
+  --data "$WORK/corpus.txt" --save "$WORK/never"
+expect_fail "exactly one of" --data "$WORK/corpus.txt"
+test ! -e "$WORK/never"
+echo "train_cli_test: passed"
