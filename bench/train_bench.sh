@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Training throughput and peak RSS of `strata train` against the PyTorch peer (bench/torch_train.py)
+# on the same model shapes, batch, threads and OpenBLAS environment, in one run. Random token
+# batches (vocab 8192); weights random. Prints a Markdown table and writes JSON lines to OUT.
+#   bench/train_bench.sh STRATA_BINARY [OUT.jsonl] [SIZES]   SIZES: any of 10m,50m,200m (default all)
+# Environment: THREADS (default 2), BATCH (8), SEQ (256), STEPS (4; the first is not timed).
+set -euo pipefail
+STRATA="$1"; OUT="${2:-/tmp/train_bench.jsonl}"; SIZES="${3:-10m,50m,200m}"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+THREADS="${THREADS:-2}"; BATCH="${BATCH:-8}"; SEQ="${SEQ:-256}"; STEPS="${STEPS:-4}"
+VOCAB=8192
+WORK="$(mktemp -d /tmp/strata-train-bench-XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+: > "$OUT"
+
+config() {  # config NAME -> writes $WORK/NAME.json
+  case "$1" in
+    10m)  echo '{"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096}' ;;
+    50m)  echo '{"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 14, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096}' ;;
+    200m) echo '{"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 4096}' ;;
+    *) echo "unknown size $1" >&2; exit 2 ;;
+  esac > "$WORK/$1.json"
+  # strata reads vocab_size from the config when there is no tokenizer.
+  /usr/bin/python3 - "$WORK/$1.json" "$VOCAB" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1])); c["vocab_size"] = int(sys.argv[2])
+json.dump(c, open(sys.argv[1], "w"))
+PY
+}
+
+# Random pre-tokenized corpus (int32 ids).
+/usr/bin/python3 -c "
+import numpy as np
+np.random.default_rng(0).integers(0, $VOCAB, 2_000_000, dtype=np.int32).astype('<i4').tofile('$WORK/tokens.i32')"
+
+echo "| model | params | system | tokens/s | step s | peak RSS |"
+echo "|---|---|---|---|---|---|"
+IFS=, read -ra sizes <<< "$SIZES"
+for size in "${sizes[@]}"; do
+  config "$size"
+  "$STRATA" train --config "$WORK/$size.json" --data "$WORK/tokens.i32" --steps "$STEPS" \
+    --batch "$BATCH" --seq "$SEQ" --threads "$THREADS" --warmup 1 --json \
+    > "$WORK/strata.jsonl" 2> "$WORK/strata.err" || { cat "$WORK/strata.err"; exit 1; }
+  /usr/bin/python3 "$HERE/torch_train.py" --config "$WORK/$size.json" --vocab "$VOCAB" \
+    --batch "$BATCH" --seq "$SEQ" --steps "$STEPS" --threads "$THREADS" > "$WORK/torch.json"
+  /usr/bin/python3 - "$size" "$WORK" "$OUT" "$THREADS" "$BATCH" "$SEQ" <<'PY'
+import json, statistics, sys, re
+size, w, out, threads, batch, seq = sys.argv[1:]
+rows = [json.loads(l) for l in open(f"{w}/strata.jsonl") if l.strip()]
+steady = rows[1:] if len(rows) > 1 else rows
+st_s = statistics.median(r["step_s"] for r in steady)
+err = open(f"{w}/strata.err").read()
+params = int(re.search(r"strata train: (\d+) parameters", err).group(1))
+s = {"system": "strata", "model": size, "params": params, "tokens_per_s": int(batch) * int(seq) / st_s,
+     "step_s": st_s, "peak_rss_bytes": max(rows[-1]["peak_rss_bytes"]),
+     "threads": int(threads), "batch": int(batch), "seq": int(seq)}
+t = json.load(open(f"{w}/torch.json"))
+t.update({"system": "pytorch", "model": size, "batch": int(batch), "seq": int(seq)})
+with open(out, "a") as f:
+    f.write(json.dumps(s) + "\n" + json.dumps(t) + "\n")
+gib = 1 << 30
+for r in (s, t):
+    print(f"| {size} | {r['params'] / 1e6:.1f}M | {r['system']} | {r['tokens_per_s']:.0f} | "
+          f"{r['step_s']:.2f} | {r['peak_rss_bytes'] / gib:.2f} GiB |")
+print(f"| {size} | | strata / pytorch | {s['tokens_per_s'] / t['tokens_per_s']:.2f}x | | |")
+PY
+done
