@@ -8,6 +8,7 @@
 
 #include "comm/transport/mpi/mpi_transport.h"
 #include "launcher/commands.h"
+#include "launcher/snapshotd_command.h"
 #include "strata/config.h"
 
 int main(int argc, char** argv) {
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
   strata::launcher::AddShardCommand(app, commands);
   strata::launcher::AddInferCommand(app, commands);
   strata::launcher::AddTrainCommand(app, commands);
+  strata::launcher::AddSnapshotdCommand(app, commands);
   strata::launcher::AddBenchCommands(app, commands);
 
   CLI11_PARSE(app, argc, argv);

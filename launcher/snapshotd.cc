@@ -92,7 +92,7 @@ void AddSnapshotdCommand(CLI::App& root, std::vector<Command>& commands) {
       std::printf("%s\n", j.dump().c_str());
     }
     if (lost_race) {
-      std::fprintf(stderr, "strata snapshotd: %s\n", st.message().c_str());
+      std::fprintf(stderr, "strata %s\n", st.message().c_str());
       return 0;
     }
     if (!st.ok()) {

@@ -7,7 +7,7 @@
 #  3. runs the allreduce benchmark (star, ring, tree and Open MPI's own MPI_Allreduce over the
 #     mpi and tcp transports) on 4 ranks of this host and prints its table.
 #   scripts/demo.sh [extra `strata bench allreduce` options]
-# Environment: STRATA_DEMO_STEPS (training steps, default 300), STRATA_DEMO_RANKS (allreduce, 4).
+# Environment: STRATA_DEMO_STEPS (training steps, default 400), STRATA_DEMO_RANKS (allreduce, 4).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/common.sh"
@@ -34,11 +34,11 @@ cat > "$WORK/model-config.json" <<'EOF'
 {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
  "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 256}
 EOF
-STEPS="${STRATA_DEMO_STEPS:-300}"
+STEPS="${STRATA_DEMO_STEPS:-400}"
 echo "demo.sh: mpirun -np 2 strata train ($STEPS steps, 2 data-parallel ranks)"
 mpirun -np 2 --oversubscribe "$STRATA" train --config "$WORK/model-config.json" \
   --tokenizer "$WORK/fortunes-sp.model" --data "$WORK/fortunes.txt" --steps "$STEPS" \
-  --batch 16 --seq 128 --lr 3e-3 --warmup 20 --save "$WORK/trained" --json > "$WORK/train.jsonl"
+  --batch 16 --seq 128 --lr 6e-3 --warmup 30 --save "$WORK/trained" --json > "$WORK/train.jsonl"
 /usr/bin/python3 - "$WORK/train.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

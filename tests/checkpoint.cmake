@@ -1,2 +1,6 @@
 # Snapshots (#5): erasure coding (Reed-Solomon, rotating group layout, fragment checksums).
 strata_add_test(checkpoint_test SOURCES checkpoint_test.cc DEPS strata_checkpoint LABELS checkpoint)
+# Snapshots (#5): snapshotd + SnapshotClient (shared-memory slots, commit, persistence, crashes).
+strata_add_test(snapshot_test SOURCES snapshot_test.cc DEPS strata_checkpoint LABELS checkpoint)
+# The EnsureSnapshotd race test starts the real `strata snapshotd` (skipped when not built).
+target_compile_definitions(snapshot_test PRIVATE STRATA_BINARY="$<TARGET_FILE:strata>")

@@ -1,0 +1,275 @@
+#include "checkpoint/snapshot_client.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "base/clock.h"
+#include "checkpoint/erasure.h"
+#include "checkpoint/snapshot_wire.h"
+
+namespace strata::checkpoint {
+namespace {
+
+// A read-only view of one rank's data of a version: a shm slot or a disk file, mapped.
+class Mapped {
+ public:
+  static StatusOr<Mapped> Open(const proto::RankSnapshot& rk) {
+    const bool shm = !rk.shm_name().empty();
+    const std::string& name = shm ? rk.shm_name() : rk.path();
+    const int fd = shm ? ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0)
+                       : ::open(name.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return ErrnoStatus(fmt::format("snapshot of rank {}: open {}", rk.rank(), name),
+                                   errno);
+    struct stat sb {};
+    if (::fstat(fd, &sb) != 0) {
+      const int err = errno;
+      ::close(fd);
+      return ErrnoStatus(fmt::format("fstat {}", name), err);
+    }
+    Mapped m;
+    m.size_ = static_cast<size_t>(sb.st_size);
+    if (m.size_ > 0) {
+      void* p = ::mmap(nullptr, m.size_, PROT_READ, MAP_SHARED, fd, 0);
+      if (p == MAP_FAILED) {
+        const int err = errno;
+        ::close(fd);
+        return ErrnoStatus(fmt::format("mmap {}", name), err);
+      }
+      m.data_ = static_cast<const uint8_t*>(p);
+    }
+    ::close(fd);
+    return m;
+  }
+  Mapped() = default;
+  Mapped(Mapped&& o) noexcept : data_(o.data_), size_(o.size_) { o.data_ = nullptr; }
+  Mapped& operator=(Mapped&&) = delete;
+  ~Mapped() {
+    if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  }
+  const uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+int ToMs(double s) { return s <= 0 ? -1 : static_cast<int>(s * 1000); }
+
+}  // namespace
+
+StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::string& socket_path) {
+  return Connect(socket_path, Options{});
+}
+
+StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::string& socket_path,
+                                                                  const Options& options) {
+  STRATA_ASSIGN_OR_RETURN(int fd, ConnectUnix(socket_path));
+  return std::unique_ptr<SnapshotClient>(new SnapshotClient(fd, options));
+}
+
+SnapshotClient::~SnapshotClient() {
+  Unmap();
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void SnapshotClient::Unmap() {
+  for (uint8_t*& p : slots_) {
+    if (p != nullptr) ::munmap(p, slot_bytes_);
+    p = nullptr;
+  }
+}
+
+StatusOr<proto::SnapshotReply> SnapshotClient::Call(const proto::SnapshotRequest& req) {
+  if (fd_ < 0) return Status::Unavailable("snapshotd connection is closed");
+  Status st = WriteFrame(fd_, req, ToMs(options_.rpc_timeout_s));
+  proto::SnapshotReply reply;
+  if (st.ok()) st = ReadFrame(fd_, &reply, ToMs(options_.rpc_timeout_s));
+  if (!st.ok()) {
+    // The stream is out of step (or dead) after a failed exchange: later calls must not read
+    // this request's late reply as theirs.
+    ::close(fd_);
+    fd_ = -1;
+    return st.WithContext("snapshotd");
+  }
+  if (reply.code() != 0) {
+    return Status(static_cast<StatusCode>(reply.code()), "snapshotd: " + reply.message());
+  }
+  return reply;
+}
+
+Status SnapshotClient::Register(int rank, int world, size_t bytes) {
+  proto::SnapshotRequest req;
+  auto* r = req.mutable_register_rank();
+  r->set_rank(rank);
+  r->set_world_size(world);
+  r->set_bytes_per_version(bytes);
+  STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
+  if (!reply.has_register_rank() || reply.register_rank().shm_names_size() != 2 ||
+      reply.register_rank().slot_bytes() != SlotBytes(bytes)) {
+    return Status::Internal("snapshotd: malformed Register reply");
+  }
+  Unmap();
+  slot_bytes_ = reply.register_rank().slot_bytes();
+  for (int i = 0; i < 2; ++i) {
+    const std::string& name = reply.register_rank().shm_names(i);
+    const int fd = ::shm_open(name.c_str(), O_RDWR | O_CLOEXEC, 0);
+    if (fd < 0) return ErrnoStatus(fmt::format("shm_open {}", name), errno);
+    // MAP_POPULATE: fault the pages in now, at registration, rather than inside the first
+    // snapshots (first-touch faults made them ~6x slower in a 256 MiB test).
+    void* p = ::mmap(nullptr, slot_bytes_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd,
+                     0);
+    const int err = errno;
+    ::close(fd);
+    if (p == MAP_FAILED) {
+      Unmap();
+      return ErrnoStatus(fmt::format("mmap {}", name), err);
+    }
+    slots_[i] = static_cast<uint8_t*>(p);
+  }
+  rank_ = rank;
+  bytes_ = bytes;
+  reattached_ = reply.register_rank().reattached();
+  writing_version_ = -1;
+  writing_slot_ = -1;
+  return Status::OK();
+}
+
+StatusOr<uint8_t*> SnapshotClient::BeginVersion(int64_t version) {
+  if (rank_ < 0) return Status::FailedPrecondition("BeginVersion before Register");
+  proto::SnapshotRequest req;
+  req.mutable_begin_version()->set_version(version);
+  const int64_t deadline = NowNs() + static_cast<int64_t>(options_.begin_timeout_s * 1e9);
+  int64_t backoff_us = 200;
+  for (;;) {
+    StatusOr<proto::SnapshotReply> reply = Call(req);
+    // Busy (another local rank behind, or the slot being persisted) comes back as Unavailable
+    // with the connection intact; a dead server closes it (fd_ < 0) and is final.
+    if (!reply.ok() && reply.status().code() == StatusCode::kUnavailable && fd_ >= 0 &&
+        NowNs() < deadline) {
+      ::usleep(static_cast<useconds_t>(backoff_us));
+      backoff_us = std::min<int64_t>(backoff_us * 2, 20000);
+      continue;
+    }
+    if (!reply.ok()) return reply.status();
+    const int slot = reply->begin_version().slot();
+    if (slot < 0 || slot > 1) return Status::Internal("snapshotd: bad slot in reply");
+    writing_version_ = version;
+    writing_slot_ = slot;
+    return slots_[slot];
+  }
+}
+
+Status SnapshotClient::Publish(int64_t version, const std::vector<Section>& sections) {
+  if (writing_version_ != version || writing_slot_ < 0) {
+    return Status::FailedPrecondition(
+        fmt::format("Publish({}) without a matching BeginVersion", version));
+  }
+  proto::SnapshotRequest req;
+  auto* p = req.mutable_publish();
+  p->set_version(version);
+  const uint8_t* base = slots_[writing_slot_];
+  for (const Section& s : sections) {
+    if (s.offset > bytes_ || s.bytes > bytes_ - s.offset) {
+      return Status::InvalidArgument(fmt::format(
+          "Publish: section '{}' [{}, +{}) exceeds the {} registered bytes", s.name, s.offset,
+          s.bytes, bytes_));
+    }
+    auto* sec = p->add_sections();
+    sec->set_name(s.name);
+    sec->set_offset(s.offset);
+    sec->set_bytes(s.bytes);
+    sec->set_crc32c(FragmentChecksum(base + s.offset, s.bytes));
+  }
+  STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
+  last_committed_ = reply.publish().committed();
+  writing_version_ = -1;
+  writing_slot_ = -1;
+  return Status::OK();
+}
+
+StatusOr<LatestInfo> SnapshotClient::Latest() {
+  proto::SnapshotRequest req;
+  req.mutable_latest();
+  STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
+  LatestInfo info;
+  const proto::LatestReply& l = reply.latest();
+  info.found = l.found();
+  if (info.found) {
+    info.version = l.manifest().version();
+    info.from_disk = l.from_disk();
+    info.disk_dir = l.disk_dir();
+    info.manifest = l.manifest();
+  }
+  return info;
+}
+
+Status SnapshotClient::ReadLatest(const LatestInfo& info, const std::vector<SectionBuffer>& out,
+                                  int rank) const {
+  if (!info.found) return Status::NotFound("no snapshot version to read");
+  if (rank < 0) rank = rank_;
+  const proto::RankSnapshot* rk = nullptr;
+  for (const auto& r : info.manifest.ranks()) {
+    if (r.rank() == rank) rk = &r;
+  }
+  if (rk == nullptr) {
+    return Status::NotFound(
+        fmt::format("snapshot version {} has no data of rank {}", info.version, rank));
+  }
+  STRATA_ASSIGN_OR_RETURN(Mapped m, Mapped::Open(*rk));
+  for (const SectionBuffer& b : out) {
+    const proto::SnapshotSection* sec = nullptr;
+    for (const auto& s : rk->sections()) {
+      if (s.name() == b.name) sec = &s;
+    }
+    if (sec == nullptr) {
+      return Status::NotFound(fmt::format("snapshot version {} rank {} has no section '{}'",
+                                          info.version, rank, b.name));
+    }
+    if (sec->bytes() != b.bytes) {
+      return Status::InvalidArgument(fmt::format(
+          "snapshot version {} rank {} section '{}' holds {} bytes, the buffer {}", info.version,
+          rank, b.name, sec->bytes(), b.bytes));
+    }
+    if (sec->offset() > m.size() || sec->bytes() > m.size() - sec->offset()) {
+      return Status::Corruption(fmt::format(
+          "snapshot version {} rank {} section '{}' lies past the end of its {} byte region",
+          info.version, rank, b.name, m.size()));
+    }
+    std::memcpy(b.dst, m.data() + sec->offset(), b.bytes);
+    // Checksum the copy, not the source: that is what the trainer will use.
+    const uint32_t crc = FragmentChecksum(b.dst, b.bytes);
+    if (crc != sec->crc32c()) {
+      return Status::Corruption(fmt::format(
+          "snapshot version {} rank {} section '{}': CRC-32C {:08x}, manifest says {:08x}{}",
+          info.version, rank, b.name, crc, sec->crc32c(), info.from_disk ? " (disk copy)" : ""));
+    }
+  }
+  return Status::OK();
+}
+
+Status SnapshotClient::Finish() {
+  proto::SnapshotRequest req;
+  req.mutable_finish();
+  STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
+  Unmap();
+  rank_ = -1;
+  return Status::OK();
+}
+
+StatusOr<int> SnapshotClient::Ping() {
+  proto::SnapshotRequest req;
+  req.mutable_ping();
+  STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
+  return reply.ping().pid();
+}
+
+}  // namespace strata::checkpoint

@@ -1,0 +1,947 @@
+#include "checkpoint/snapshotd.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <set>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "base/clock.h"
+#include "base/logging.h"
+#include "checkpoint/erasure.h"
+#include "checkpoint/snapshot_wire.h"
+
+namespace strata::checkpoint {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr int kReplyTimeoutMs = 2000;      // replies are small; a client that cannot take one
+                                           // within this long is dropped
+constexpr size_t kMaxConnections = 1024;   // local ranks are few; this only bounds abuse
+constexpr int kMaxSections = 4096;
+constexpr uint64_t kMaxBytesPerVersion = uint64_t{1} << 42;  // 4 TiB: a sanity bound
+
+Status WriteFileDurably(const std::string& path, const uint8_t* data, size_t n) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus(fmt::format("open {}", path), errno);
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t w = ::write(fd, data + done, std::min<size_t>(n - done, size_t{1} << 30));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      ::close(fd);
+      return ErrnoStatus(fmt::format("write {}", path), err);
+    }
+    done += static_cast<size_t>(w);
+  }
+  if (::fsync(fd) != 0) {
+    const int err = errno;
+    ::close(fd);
+    return ErrnoStatus(fmt::format("fsync {}", path), err);
+  }
+  ::close(fd);
+  return Status::OK();
+}
+
+Status FsyncDir(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus(fmt::format("open {}", dir), errno);
+  const int r = ::fsync(fd);
+  const int err = errno;
+  ::close(fd);
+  return r == 0 ? Status::OK() : ErrnoStatus(fmt::format("fsync {}", dir), err);
+}
+
+// "v123" -> 123; -1 for anything else.
+int64_t ParseVersionDir(const std::string& name) {
+  if (name.size() < 2 || name[0] != 'v') return -1;
+  int64_t v = 0;
+  for (size_t i = 1; i < name.size(); ++i) {
+    if (name[i] < '0' || name[i] > '9' || v > (int64_t{1} << 58)) return -1;
+    v = v * 10 + (name[i] - '0');
+  }
+  return v;
+}
+
+}  // namespace
+
+std::string SnapshotdSocketPath(const SnapshotdOptions& options) {
+  return options.socket_path.empty() ? DefaultSocketPath(options.run) : options.socket_path;
+}
+
+StatusOr<std::unique_ptr<Snapshotd>> Snapshotd::Create(SnapshotdOptions options) {
+  if (options.run.empty()) return Status::InvalidArgument("snapshotd: --run must name the job");
+  if (options.persist_every < 0 || options.persist_keep < 0) {
+    return Status::InvalidArgument("snapshotd: persist_every and persist_keep must be >= 0");
+  }
+  if (options.persist_every > 0 && options.persist_dir.empty()) {
+    return Status::InvalidArgument("snapshotd: persist_every > 0 needs a persist_dir");
+  }
+  if (options.expected_local_ranks < 0) {
+    return Status::InvalidArgument("snapshotd: expected_local_ranks must be >= 0");
+  }
+  const std::string path = SnapshotdSocketPath(options);
+  if (path.size() >= sizeof(sockaddr_un::sun_path)) {
+    return Status::InvalidArgument(fmt::format("snapshotd: socket path too long: {}", path));
+  }
+  return std::unique_ptr<Snapshotd>(new Snapshotd(std::move(options)));
+}
+
+Snapshotd::Snapshotd(SnapshotdOptions options)
+    : options_(std::move(options)), socket_path_(SnapshotdSocketPath(options_)) {}
+
+Snapshotd::~Snapshotd() { Cleanup(); }
+
+void Snapshotd::Stop() {
+  stop_.store(true);
+  if (wake_pipe_[1] >= 0) {
+    const char c = 's';
+    [[maybe_unused]] ssize_t r = ::write(wake_pipe_[1], &c, 1);
+  }
+}
+
+Status Snapshotd::Bind() {
+  // The lock decides who serves this socket: whoever holds it may remove a stale socket file and
+  // bind. Without it two servers racing past a stale socket could both unlink and bind.
+  const std::string lock_path = socket_path_ + ".lock";
+  lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (lock_fd_ < 0) return ErrnoStatus(fmt::format("snapshotd: open {}", lock_path), errno);
+  if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    ::close(lock_fd_);
+    lock_fd_ = -1;
+    if (err == EWOULDBLOCK) {
+      return Status::AlreadyExists(
+          fmt::format("snapshotd: another snapshotd already serves {}", socket_path_));
+    }
+    return ErrnoStatus(fmt::format("snapshotd: flock {}", lock_path), err);
+  }
+  ::unlink(socket_path_.c_str());  // stale, from a server that died without cleaning up
+  listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (listen_fd_ < 0) return ErrnoStatus("snapshotd: socket", errno);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::memcpy(addr.sun_path, socket_path_.c_str(), socket_path_.size() + 1);
+  if (::bind(listen_fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return ErrnoStatus(fmt::format("snapshotd: bind {}", socket_path_), errno);
+  }
+  if (::listen(listen_fd_, 64) != 0) return ErrnoStatus("snapshotd: listen", errno);
+  if (::pipe2(wake_pipe_, O_CLOEXEC | O_NONBLOCK) != 0) return ErrnoStatus("pipe2", errno);
+  return Status::OK();
+}
+
+Status Snapshotd::Run() {
+  Status bound = Bind();
+  if (!bound.ok()) {
+    Cleanup();
+    return bound;
+  }
+  STRATA_LOG(INFO, CKPT, "snapshotd run={} pid={} listening on {}", options_.run, ::getpid(),
+             socket_path_);
+  if (options_.persist_every > 0) persister_ = std::thread([this] { PersistLoop(); });
+
+  struct Conn {
+    std::string in;
+  };
+  std::map<int, Conn> conns;
+  int64_t idle_since = NowNs();
+  bool finish = false;
+  std::vector<char> rbuf(64 << 10);
+
+  while (!stop_.load() && !finish) {
+    std::vector<pollfd> pfds;
+    pfds.push_back({wake_pipe_[0], POLLIN, 0});
+    pfds.push_back({listen_fd_, POLLIN, 0});
+    for (const auto& [fd, c] : conns) pfds.push_back({fd, POLLIN, 0});
+    int timeout_ms = -1;
+    if (conns.empty() && options_.idle_timeout_s > 0) {
+      const int64_t deadline = idle_since + static_cast<int64_t>(options_.idle_timeout_s * 1e9);
+      const int64_t left = deadline - NowNs();
+      if (left <= 0) {
+        STRATA_LOG(INFO, CKPT, "snapshotd run={}: idle for {} s with no client, exiting",
+                   options_.run, options_.idle_timeout_s);
+        break;
+      }
+      timeout_ms = static_cast<int>(std::min<int64_t>((left + 999999) / 1000000, 60000));
+    }
+    const int n = ::poll(pfds.data(), pfds.size(), timeout_ms);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const Status st = ErrnoStatus("snapshotd: poll", errno);
+      Cleanup();
+      return st;
+    }
+    if (pfds[0].revents & POLLIN) {
+      char drain[64];
+      while (::read(wake_pipe_[0], drain, sizeof(drain)) > 0) {
+      }
+      ReapPersisted();
+    }
+    if (pfds[1].revents & POLLIN) {
+      for (;;) {
+        const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (fd < 0) break;
+        if (conns.size() >= kMaxConnections) {
+          STRATA_LOG(WARN, CKPT, "snapshotd: {} connections already, refusing one", conns.size());
+          ::close(fd);
+          continue;
+        }
+        conns[fd] = Conn{};
+      }
+    }
+    for (size_t i = 2; i < pfds.size() && !finish; ++i) {
+      const int fd = pfds[i].fd;
+      if (pfds[i].revents == 0) continue;
+      Conn& c = conns[fd];
+      bool close_it = false;
+      const ssize_t r = ::recv(fd, rbuf.data(), rbuf.size(), MSG_DONTWAIT);
+      if (r > 0) {
+        c.in.append(rbuf.data(), static_cast<size_t>(r));
+      } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
+        close_it = true;
+      }
+      // Serve every complete frame received so far.
+      while (!close_it && c.in.size() >= 4) {
+        const auto* h = reinterpret_cast<const uint8_t*>(c.in.data());
+        const uint32_t len = static_cast<uint32_t>(h[0]) | static_cast<uint32_t>(h[1]) << 8 |
+                             static_cast<uint32_t>(h[2]) << 16 | static_cast<uint32_t>(h[3]) << 24;
+        proto::SnapshotReply reply;
+        proto::SnapshotRequest req;
+        bool malformed = false;
+        if (len > kMaxFrameBytes) {
+          malformed = true;
+          reply.set_code(static_cast<int>(StatusCode::kInvalidArgument));
+          reply.set_message(fmt::format("malformed snapshot frame: length {} exceeds the {} byte "
+                                        "limit; closing the connection", len, kMaxFrameBytes));
+        } else if (c.in.size() < 4 + static_cast<size_t>(len)) {
+          break;  // wait for the rest of the frame
+        } else if (!req.ParseFromArray(c.in.data() + 4, static_cast<int>(len)) ||
+                   req.body_case() == proto::SnapshotRequest::BODY_NOT_SET) {
+          malformed = true;
+          reply.set_code(static_cast<int>(StatusCode::kInvalidArgument));
+          reply.set_message(fmt::format("malformed snapshot frame: {} bytes are not a "
+                                        "SnapshotRequest; closing the connection", len));
+        } else {
+          c.in.erase(0, 4 + static_cast<size_t>(len));
+          reply = Handle(fd, req, &finish);
+        }
+        if (malformed) {
+          STRATA_LOG(WARN, CKPT, "snapshotd: {}", reply.message());
+          close_it = true;
+        }
+        Status sent = WriteFrame(fd, reply, kReplyTimeoutMs);
+        if (!sent.ok()) {
+          STRATA_LOG(WARN, CKPT, "snapshotd: dropping a client: {}", sent.ToString());
+          close_it = true;
+        }
+        if (finish) break;
+      }
+      if (close_it) {
+        CloseConn(fd);
+        conns.erase(fd);
+        if (conns.empty()) idle_since = NowNs();
+      }
+    }
+  }
+  if (finish) {
+    STRATA_LOG(INFO, CKPT, "snapshotd run={}: finished by a client, cleaning up", options_.run);
+  }
+  for (auto& [fd, c] : conns) CloseConn(fd);
+  conns.clear();
+  Cleanup();
+  return Status::OK();
+}
+
+void Snapshotd::CloseConn(int fd) {
+  auto it = conn_rank_.find(fd);
+  if (it != conn_rank_.end()) {
+    auto r = ranks_.find(it->second);
+    if (r != ranks_.end() && r->second.conn == fd) r->second.conn = -1;
+    conn_rank_.erase(it);
+  }
+  ::close(fd);
+}
+
+void Snapshotd::Cleanup() {
+  // Persistence first: a version queued before Finish still reaches the disk, and nothing may
+  // read a slot after it is unmapped.
+  if (persister_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      persist_stop_ = true;
+    }
+    cv_.notify_all();
+    persister_.join();
+  }
+  for (auto& [rank, st] : ranks_) {
+    for (Slot& s : st.slots) {
+      if (s.base != nullptr) ::munmap(s.base, SlotBytes(st.bytes_per_version));
+      s.base = nullptr;
+      if (!s.shm_name.empty()) ::shm_unlink(s.shm_name.c_str());
+    }
+  }
+  ranks_.clear();
+  conn_rank_.clear();
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    listen_fd_ = -1;
+    ::unlink(socket_path_.c_str());
+  }
+  for (int& fd : wake_pipe_) {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+  if (lock_fd_ >= 0) {
+    // The lock file stays: removing it while another server opens it would let two servers hold
+    // locks on different inodes of the same path.
+    ::close(lock_fd_);
+    lock_fd_ = -1;
+  }
+}
+
+proto::SnapshotReply Snapshotd::Handle(int fd, const proto::SnapshotRequest& req, bool* finish) {
+  proto::SnapshotReply reply;
+  Status st;
+  auto rank_of_conn = [&]() -> RankState* {
+    auto it = conn_rank_.find(fd);
+    if (it == conn_rank_.end()) return nullptr;
+    auto r = ranks_.find(it->second);
+    return r == ranks_.end() ? nullptr : &r->second;
+  };
+  switch (req.body_case()) {
+    case proto::SnapshotRequest::kRegisterRank: {
+      auto r = DoRegister(fd, req.register_rank());
+      if (r.ok()) *reply.mutable_register_rank() = std::move(*r);
+      st = r.status();
+      break;
+    }
+    case proto::SnapshotRequest::kBeginVersion: {
+      RankState* rs = rank_of_conn();
+      if (rs == nullptr) {
+        st = Status::FailedPrecondition("BeginVersion before Register on this connection");
+        break;
+      }
+      auto r = DoBegin(*rs, req.begin_version());
+      if (r.ok()) *reply.mutable_begin_version() = std::move(*r);
+      st = r.status();
+      break;
+    }
+    case proto::SnapshotRequest::kPublish: {
+      RankState* rs = rank_of_conn();
+      if (rs == nullptr) {
+        st = Status::FailedPrecondition("Publish before Register on this connection");
+        break;
+      }
+      auto r = DoPublish(*rs, req.publish());
+      if (r.ok()) *reply.mutable_publish() = std::move(*r);
+      st = r.status();
+      break;
+    }
+    case proto::SnapshotRequest::kLatest:
+      *reply.mutable_latest() = DoLatest();
+      break;
+    case proto::SnapshotRequest::kFinish:
+      reply.mutable_finish();
+      *finish = true;
+      break;
+    case proto::SnapshotRequest::kPing:
+      reply.mutable_ping()->set_pid(::getpid());
+      reply.mutable_ping()->set_run(options_.run);
+      break;
+    case proto::SnapshotRequest::BODY_NOT_SET:
+      st = Status::InvalidArgument("empty request");
+      break;
+  }
+  if (!st.ok()) {
+    reply.clear_body();
+    reply.set_code(static_cast<int>(st.code()));
+    reply.set_message(st.message());
+    STRATA_LOG(DEBUG, CKPT, "snapshotd: request failed: {}", st.ToString());
+  }
+  return reply;
+}
+
+StatusOr<proto::RegisterReply> Snapshotd::DoRegister(int fd, const proto::RegisterRequest& r) {
+  if (r.world_size() <= 0 || r.rank() < 0 || r.rank() >= r.world_size()) {
+    return Status::InvalidArgument(
+        fmt::format("Register: rank {} of world size {} is invalid", r.rank(), r.world_size()));
+  }
+  if (r.bytes_per_version() == 0 || r.bytes_per_version() > kMaxBytesPerVersion) {
+    return Status::InvalidArgument(
+        fmt::format("Register: bytes_per_version {} out of range", r.bytes_per_version()));
+  }
+  if (world_size_ != 0 && r.world_size() != world_size_) {
+    return Status::FailedPrecondition(fmt::format(
+        "Register: rank {} says world size {}, this run's ranks said {}", r.rank(),
+        r.world_size(), world_size_));
+  }
+  auto prev = conn_rank_.find(fd);
+  if (prev != conn_rank_.end() && prev->second != r.rank()) {
+    return Status::FailedPrecondition(fmt::format(
+        "Register: this connection is already rank {}; use one connection per rank",
+        prev->second));
+  }
+  proto::RegisterReply reply;
+  const size_t bytes = r.bytes_per_version();
+  const size_t slot_bytes = SlotBytes(bytes);
+  auto existing = ranks_.find(r.rank());
+  if (existing != ranks_.end()) {
+    RankState& st = existing->second;
+    if (st.bytes_per_version != bytes) {
+      return Status::FailedPrecondition(fmt::format(
+          "Register: rank {} registered {} bytes per version before, now {}; a different job "
+          "needs a different --run",
+          r.rank(), st.bytes_per_version, bytes));
+    }
+    if (st.conn >= 0 && st.conn != fd) {
+      STRATA_LOG(WARN, CKPT, "snapshotd: rank {} re-registered on a new connection; the old one "
+                             "no longer speaks for it", r.rank());
+      conn_rank_.erase(st.conn);
+    }
+    st.conn = fd;
+    conn_rank_[fd] = r.rank();
+    for (const Slot& s : st.slots) reply.add_shm_names(s.shm_name);
+    reply.set_slot_bytes(slot_bytes);
+    reply.set_reattached(true);
+    STRATA_LOG(INFO, CKPT, "snapshotd: rank {} reattached (committed version {})", r.rank(),
+               committed_version_);
+    return reply;
+  }
+
+  RankState st;
+  st.rank = r.rank();
+  st.world_size = r.world_size();
+  st.bytes_per_version = bytes;
+  bool reattached_all = true;
+  for (int i = 0; i < 2; ++i) {
+    Slot& s = st.slots[i];
+    s.shm_name = SlotShmName(options_.run, r.rank(), i);
+    const int shm = ::shm_open(s.shm_name.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    Status err;
+    if (shm < 0) err = ErrnoStatus(fmt::format("shm_open {}", s.shm_name), errno);
+    struct stat sb {};
+    bool reattached = false;
+    if (err.ok() && ::fstat(shm, &sb) != 0) err = ErrnoStatus("fstat shm", errno);
+    if (err.ok()) {
+      reattached = static_cast<size_t>(sb.st_size) == slot_bytes;
+      if (!reattached) {
+        // Fresh, or left by a job of another size: start from zeros. posix_fallocate reserves
+        // the pages now so a full /dev/shm is an error here rather than SIGBUS in a trainer.
+        if (::ftruncate(shm, 0) != 0 || ::ftruncate(shm, static_cast<off_t>(slot_bytes)) != 0) {
+          err = ErrnoStatus(fmt::format("ftruncate {}", s.shm_name), errno);
+        } else if (const int e = ::posix_fallocate(shm, 0, static_cast<off_t>(slot_bytes));
+                   e != 0) {
+          err = e == ENOSPC ? Status::ResourceExhausted(fmt::format(
+                                  "shared memory full: cannot reserve {} bytes for {}",
+                                  slot_bytes, s.shm_name))
+                            : ErrnoStatus(fmt::format("posix_fallocate {}", s.shm_name), e);
+        }
+      }
+    }
+    if (err.ok()) {
+      void* p = ::mmap(nullptr, slot_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, shm, 0);
+      if (p == MAP_FAILED) {
+        err = ErrnoStatus(fmt::format("mmap {}", s.shm_name), errno);
+      } else {
+        s.base = static_cast<uint8_t*>(p);
+      }
+    }
+    if (shm >= 0) ::close(shm);
+    if (!err.ok()) {
+      for (Slot& u : st.slots) {
+        if (u.base != nullptr) ::munmap(u.base, slot_bytes);
+        if (!u.shm_name.empty()) ::shm_unlink(u.shm_name.c_str());
+      }
+      return err;
+    }
+    reattached_all = reattached_all && reattached;
+    if (reattached) {
+      // What this slot held for a snapshotd that died: only committed versions matter (see
+      // RecoverFromSlots); anything else is treated as free.
+      auto m = ReadSlotManifest(s.base, bytes);
+      if (m.ok() && m->committed() && m->ranks_size() == 1 && m->ranks(0).rank() == r.rank()) {
+        s.version = m->version();
+        s.published = true;
+        s.sections.assign(m->ranks(0).sections().begin(), m->ranks(0).sections().end());
+      }
+    }
+  }
+  world_size_ = r.world_size();
+  st.conn = fd;
+  conn_rank_[fd] = r.rank();
+  for (const Slot& s : st.slots) reply.add_shm_names(s.shm_name);
+  reply.set_slot_bytes(slot_bytes);
+  reply.set_reattached(reattached_all);
+  ranks_[r.rank()] = std::move(st);
+  STRATA_LOG(INFO, CKPT, "snapshotd: rank {}/{} registered, {} bytes per version{}", r.rank(),
+             r.world_size(), bytes, reattached_all ? " (existing shared memory)" : "");
+  if (committed_version_ < 0 || recovered_) RecoverFromSlots();
+  return reply;
+}
+
+void Snapshotd::RecoverFromSlots() {
+  // The newest version that every registered rank holds as committed in one of its slots.
+  std::set<int64_t> common;
+  bool first = true;
+  for (const auto& [rank, st] : ranks_) {
+    std::set<int64_t> mine;
+    for (const Slot& s : st.slots) {
+      if (s.published && s.version >= 0) mine.insert(s.version);
+    }
+    if (first) {
+      common = std::move(mine);
+      first = false;
+    } else {
+      std::set<int64_t> both;
+      std::set_intersection(common.begin(), common.end(), mine.begin(), mine.end(),
+                            std::inserter(both, both.begin()));
+      common = std::move(both);
+    }
+  }
+  const bool enough = options_.expected_local_ranks == 0 ||
+                      static_cast<int>(ranks_.size()) >= options_.expected_local_ranks;
+  if (common.empty() || !enough) {
+    if (recovered_) {
+      committed_version_ = -1;
+      committed_.Clear();
+      for (auto& [rank, st] : ranks_) st.committed_slot = -1;
+    }
+    return;
+  }
+  const int64_t v = *common.rbegin();
+  // Re-derive the commit from scratch: the set of ranks may have grown since the last recovery.
+  committed_version_ = -1;
+  for (auto& [rank, st] : ranks_) st.committed_slot = -1;
+  bool committed = false;
+  MaybeCommit(v, &committed, /*recovering=*/true);
+  recovered_ = committed;
+  STRATA_LOG(INFO, CKPT, "snapshotd: recovered committed version {} from surviving shared memory",
+             v);
+}
+
+StatusOr<proto::BeginVersionReply> Snapshotd::DoBegin(RankState& st,
+                                                      const proto::BeginVersionRequest& r) {
+  const int64_t v = r.version();
+  if (v < 0) return Status::InvalidArgument(fmt::format("BeginVersion: version {} < 0", v));
+  if (v <= committed_version_) {
+    return Status::FailedPrecondition(fmt::format(
+        "BeginVersion({}): version {} is already committed; versions must increase", v,
+        committed_version_));
+  }
+  int best = -1;
+  std::string why;
+  for (int i = 0; i < 2; ++i) {
+    if (i == st.committed_slot) continue;
+    const Slot& s = st.slots[i];
+    if (s.pins > 0) {
+      why = fmt::format("slot {} is being persisted to disk", i);
+      continue;
+    }
+    if (s.published && s.version > committed_version_ && s.version < v) {
+      why = fmt::format("version {} is published by rank {} but not committed yet (other local "
+                        "ranks have not published it)", s.version, st.rank);
+      continue;
+    }
+    if (best < 0 || st.slots[best].version > s.version) best = i;
+  }
+  if (best < 0) {
+    return Status::Unavailable(fmt::format("BeginVersion({}) for rank {}: busy: {}", v, st.rank,
+                                           why));
+  }
+  Slot& s = st.slots[best];
+  s.version = v;
+  s.published = false;
+  s.sections.clear();
+  // The slot's manifest room must stop claiming the version it held before we overwrite data.
+  proto::SnapshotManifest m;
+  m.set_run(options_.run);
+  m.set_version(v);
+  m.set_world_size(st.world_size);
+  m.set_committed(false);
+  proto::RankSnapshot* rk = m.add_ranks();
+  rk->set_rank(st.rank);
+  rk->set_shm_name(s.shm_name);
+  rk->set_slot(best);
+  rk->set_bytes_per_version(st.bytes_per_version);
+  STRATA_RETURN_IF_ERROR(WriteSlotManifest(s.base, st.bytes_per_version, m));
+  proto::BeginVersionReply reply;
+  reply.set_slot(best);
+  return reply;
+}
+
+StatusOr<proto::PublishReply> Snapshotd::DoPublish(RankState& st, const proto::PublishRequest& r) {
+  const int64_t v = r.version();
+  int idx = -1;
+  for (int i = 0; i < 2; ++i) {
+    if (st.slots[i].version == v && !st.slots[i].published && i != st.committed_slot) idx = i;
+  }
+  if (idx < 0) {
+    return Status::FailedPrecondition(
+        fmt::format("Publish({}) for rank {}: no BeginVersion({}) in progress", v, st.rank, v));
+  }
+  if (r.sections_size() > kMaxSections) {
+    return Status::InvalidArgument(fmt::format("Publish: {} sections, limit {}",
+                                               r.sections_size(), kMaxSections));
+  }
+  std::set<std::string> names;
+  for (const proto::SnapshotSection& sec : r.sections()) {
+    if (sec.name().empty() || !names.insert(sec.name()).second) {
+      return Status::InvalidArgument(
+          fmt::format("Publish: section name '{}' empty or repeated", sec.name()));
+    }
+    if (sec.offset() > st.bytes_per_version ||
+        sec.bytes() > st.bytes_per_version - sec.offset()) {
+      return Status::InvalidArgument(fmt::format(
+          "Publish: section '{}' [{}, +{}) exceeds the {} bytes registered for rank {}",
+          sec.name(), sec.offset(), sec.bytes(), st.bytes_per_version, st.rank));
+    }
+  }
+  Slot& s = st.slots[idx];
+  s.sections.assign(r.sections().begin(), r.sections().end());
+  s.published = true;
+  proto::SnapshotManifest m;
+  m.set_run(options_.run);
+  m.set_version(v);
+  m.set_world_size(st.world_size);
+  m.set_committed(false);
+  proto::RankSnapshot* rk = m.add_ranks();
+  rk->set_rank(st.rank);
+  rk->set_shm_name(s.shm_name);
+  rk->set_slot(idx);
+  rk->set_bytes_per_version(st.bytes_per_version);
+  *rk->mutable_sections() = r.sections();
+  STRATA_RETURN_IF_ERROR(WriteSlotManifest(s.base, st.bytes_per_version, m));
+  bool committed = false;
+  MaybeCommit(v, &committed);
+  proto::PublishReply reply;
+  reply.set_committed(committed);
+  reply.set_committed_version(committed_version_);
+  return reply;
+}
+
+void Snapshotd::MaybeCommit(int64_t version, bool* committed, bool recovering) {
+  *committed = false;
+  if (version <= committed_version_) return;
+  const size_t needed = options_.expected_local_ranks > 0
+                            ? static_cast<size_t>(options_.expected_local_ranks)
+                            : ranks_.size();
+  if (ranks_.size() < needed || ranks_.empty()) return;
+  std::map<int, int> slot_of;
+  for (const auto& [rank, st] : ranks_) {
+    for (int i = 0; i < 2; ++i) {
+      if (st.slots[i].version == version && st.slots[i].published) slot_of[rank] = i;
+    }
+    if (!slot_of.count(rank)) return;  // this rank has not published `version`
+  }
+  proto::SnapshotManifest m;
+  m.set_run(options_.run);
+  m.set_version(version);
+  m.set_world_size(world_size_);
+  m.set_committed(true);
+  m.set_commit_time_ns(NowNs());
+  for (auto& [rank, st] : ranks_) {
+    const int i = slot_of[rank];
+    Slot& s = st.slots[i];
+    proto::RankSnapshot* rk = m.add_ranks();
+    rk->set_rank(rank);
+    rk->set_shm_name(s.shm_name);
+    rk->set_slot(i);
+    rk->set_bytes_per_version(st.bytes_per_version);
+    for (const auto& sec : s.sections) *rk->add_sections() = sec;
+    // Mark the slot committed in its own manifest room, so a snapshotd restarted over surviving
+    // shared memory can find the committed version again.
+    proto::SnapshotManifest own = m;
+    own.clear_ranks();
+    *own.add_ranks() = *rk;
+    Status w = WriteSlotManifest(s.base, st.bytes_per_version, own);
+    if (!w.ok()) STRATA_LOG(WARN, CKPT, "snapshotd: slot manifest: {}", w.ToString());
+    st.committed_slot = i;
+  }
+  committed_ = std::move(m);
+  committed_version_ = version;
+  recovered_ = false;
+  *committed = true;
+  if (recovering) return;  // counted and persisted when it first committed
+  ++commits_;
+  STRATA_LOG(DEBUG, CKPT, "snapshotd run={}: version {} committed ({} local ranks)", options_.run,
+             version, ranks_.size());
+  if (options_.persist_every > 0 && commits_ % options_.persist_every == 0) {
+    PersistJob job;
+    job.manifest = committed_;
+    for (auto& [rank, st] : ranks_) {
+      Slot& s = st.slots[st.committed_slot];
+      ++s.pins;
+      job.pinned.push_back({rank, st.committed_slot});
+      job.bases.push_back(s.base);
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+  }
+}
+
+proto::LatestReply Snapshotd::DoLatest() {
+  proto::LatestReply reply;
+  if (committed_version_ >= 0) {
+    reply.set_found(true);
+    *reply.mutable_manifest() = committed_;
+    return reply;
+  }
+  if (!options_.persist_dir.empty()) {
+    auto disk = LatestFromDisk();
+    if (disk.ok()) return std::move(*disk);
+    if (disk.status().code() != StatusCode::kNotFound) {
+      STRATA_LOG(WARN, CKPT, "snapshotd: reading {}: {}", options_.persist_dir,
+                 disk.status().ToString());
+    }
+  }
+  reply.set_found(false);
+  return reply;
+}
+
+StatusOr<proto::LatestReply> Snapshotd::LatestFromDisk() const {
+  const fs::path root = fs::path(options_.persist_dir) / SanitizeRunName(options_.run);
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return Status::NotFound("no persisted versions");
+  std::vector<std::pair<int64_t, fs::path>> versions;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    const int64_t v = ParseVersionDir(e.path().filename().string());
+    if (v >= 0 && e.is_directory(ec)) versions.push_back({v, e.path()});
+  }
+  std::sort(versions.rbegin(), versions.rend());
+  for (const auto& [v, dir] : versions) {
+    // A directory named v<N> only exists after its rename, so it is complete unless the disk
+    // lost it since; check anyway and fall back to an older one.
+    std::string bytes;
+    {
+      const std::string mpath = (dir / "manifest.pb").string();
+      const int fd = ::open(mpath.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) continue;
+      char buf[65536];
+      ssize_t r;
+      while ((r = ::read(fd, buf, sizeof(buf))) > 0 && bytes.size() < kMaxFrameBytes) {
+        bytes.append(buf, static_cast<size_t>(r));
+      }
+      ::close(fd);
+    }
+    proto::SnapshotManifest m;
+    if (!m.ParseFromString(bytes) || !m.committed() || m.version() != v) {
+      STRATA_LOG(WARN, CKPT, "snapshotd: {} has no valid manifest, skipping", dir.string());
+      continue;
+    }
+    bool complete = true;
+    for (proto::RankSnapshot& rk : *m.mutable_ranks()) {
+      const fs::path file = dir / rk.path();
+      uint64_t end = 0;
+      for (const auto& sec : rk.sections()) end = std::max<uint64_t>(end, sec.offset() + sec.bytes());
+      if (!fs::is_regular_file(file, ec) || fs::file_size(file, ec) < end) complete = false;
+      rk.set_path(file.string());
+    }
+    if (!complete) {
+      STRATA_LOG(WARN, CKPT, "snapshotd: {} is missing rank files, skipping", dir.string());
+      continue;
+    }
+    proto::LatestReply reply;
+    reply.set_found(true);
+    reply.set_from_disk(true);
+    reply.set_disk_dir(dir.string());
+    *reply.mutable_manifest() = std::move(m);
+    return reply;
+  }
+  return Status::NotFound("no complete persisted version");
+}
+
+void Snapshotd::PersistLoop() {
+  for (;;) {
+    PersistJob job;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return persist_stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;  // stop requested and nothing left to write
+      job = std::move(queue_.front());
+      queue_.pop_front();
+    }
+    const int64_t t0 = NowNs();
+    Status st = PersistOne(job);
+    if (st.ok()) {
+      STRATA_LOG(INFO, CKPT, "snapshotd: version {} persisted in {:.1f} ms",
+                 job.manifest.version(), (NowNs() - t0) / 1e6);
+    } else {
+      STRATA_LOG(ERROR, CKPT, "snapshotd: persisting version {} failed: {}",
+                 job.manifest.version(), st.ToString());
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_.push_back(std::move(job));
+    }
+    if (wake_pipe_[1] >= 0) {
+      const char c = 'p';
+      [[maybe_unused]] ssize_t r = ::write(wake_pipe_[1], &c, 1);
+    }
+  }
+}
+
+Status Snapshotd::PersistOne(const PersistJob& job) {
+  const fs::path root = fs::path(options_.persist_dir) / SanitizeRunName(options_.run);
+  const int64_t v = job.manifest.version();
+  const fs::path tmp = root / fmt::format(".tmp-v{}", v);
+  const fs::path final_dir = root / fmt::format("v{}", v);
+  std::error_code ec;
+  fs::create_directories(root, ec);
+  if (ec) return Status::IOError(fmt::format("mkdir {}: {}", root.string(), ec.message()));
+  fs::remove_all(tmp, ec);
+  fs::create_directory(tmp, ec);
+  if (ec) return Status::IOError(fmt::format("mkdir {}: {}", tmp.string(), ec.message()));
+  proto::SnapshotManifest disk = job.manifest;
+  for (int i = 0; i < disk.ranks_size(); ++i) {
+    proto::RankSnapshot* rk = disk.mutable_ranks(i);
+    const uint8_t* base = job.bases[i];
+    uint64_t end = 0;
+    for (const auto& sec : rk->sections()) {
+      // Never persist a corrupted section: verifying here costs one read of data being read anyway.
+      if (FragmentChecksum(base + sec.offset(), sec.bytes()) != sec.crc32c()) {
+        fs::remove_all(tmp, ec);
+        return Status::Corruption(fmt::format(
+            "version {} rank {} section '{}': checksum mismatch in shared memory; not persisted",
+            v, rk->rank(), sec.name()));
+      }
+      end = std::max<uint64_t>(end, sec.offset() + sec.bytes());
+    }
+    const std::string name = fmt::format("rank{}.bin", rk->rank());
+    STRATA_RETURN_IF_ERROR(WriteFileDurably((tmp / name).string(), base, end));
+    rk->clear_shm_name();
+    rk->set_slot(0);
+    rk->set_path(name);
+  }
+  const std::string mbytes = disk.SerializeAsString();
+  STRATA_RETURN_IF_ERROR(WriteFileDurably((tmp / "manifest.pb").string(),
+                                          reinterpret_cast<const uint8_t*>(mbytes.data()),
+                                          mbytes.size()));
+  STRATA_RETURN_IF_ERROR(FsyncDir(tmp.string()));
+  fs::remove_all(final_dir, ec);  // the same version persisted by an earlier incarnation
+  fs::rename(tmp, final_dir, ec);
+  if (ec) return Status::IOError(fmt::format("rename {}: {}", tmp.string(), ec.message()));
+  STRATA_RETURN_IF_ERROR(FsyncDir(root.string()));
+  if (options_.persist_keep > 0) {
+    std::vector<std::pair<int64_t, fs::path>> versions;
+    for (const auto& e : fs::directory_iterator(root, ec)) {
+      const int64_t ver = ParseVersionDir(e.path().filename().string());
+      if (ver >= 0) versions.push_back({ver, e.path()});
+    }
+    std::sort(versions.rbegin(), versions.rend());
+    for (size_t i = static_cast<size_t>(options_.persist_keep); i < versions.size(); ++i) {
+      fs::remove_all(versions[i].second, ec);
+    }
+  }
+  return Status::OK();
+}
+
+void Snapshotd::ReapPersisted() {
+  std::vector<PersistJob> done;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    done.swap(done_);
+  }
+  for (const PersistJob& job : done) {
+    for (const auto& [rank, slot] : job.pinned) {
+      auto it = ranks_.find(rank);
+      if (it != ranks_.end() && it->second.slots[slot].pins > 0) --it->second.slots[slot].pins;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// EnsureSnapshotd
+
+namespace {
+
+Status Ping(const std::string& socket_path) {
+  STRATA_ASSIGN_OR_RETURN(int fd, ConnectUnix(socket_path));
+  proto::SnapshotRequest req;
+  req.mutable_ping();
+  Status st = WriteFrame(fd, req, 1000);
+  proto::SnapshotReply reply;
+  if (st.ok()) st = ReadFrame(fd, &reply, 1000);
+  ::close(fd);
+  if (st.ok() && !reply.has_ping()) st = Status::Internal("snapshotd: unexpected ping reply");
+  return st;
+}
+
+}  // namespace
+
+Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strata_binary) {
+  const std::string path = SnapshotdSocketPath(options);
+  if (Ping(path).ok()) return Status::OK();
+  if (options.run.empty()) return Status::InvalidArgument("EnsureSnapshotd: empty run name");
+
+  std::vector<std::string> args = {strata_binary, "snapshotd", "--run", options.run,
+                                   "--socket", path};
+  if (!options.persist_dir.empty()) {
+    args.insert(args.end(), {"--persist-dir", options.persist_dir, "--persist-every",
+                             std::to_string(options.persist_every), "--persist-keep",
+                             std::to_string(options.persist_keep)});
+  }
+  args.insert(args.end(), {"--idle-timeout", fmt::format("{}", options.idle_timeout_s),
+                           "--expected-local-ranks",
+                           std::to_string(options.expected_local_ranks)});
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const std::string log = fmt::format("/tmp/strata-snapshotd-{}.log", SanitizeRunName(options.run));
+
+  // Double fork: the daemon is reparented to init (never a zombie of the trainer), and setsid
+  // detaches it from the trainer's session so a signal to the job's process group spares it.
+  const pid_t child = ::fork();
+  if (child < 0) return ErrnoStatus("EnsureSnapshotd: fork", errno);
+  if (child == 0) {
+    ::setsid();
+    const pid_t grandchild = ::fork();
+    if (grandchild != 0) ::_exit(grandchild < 0 ? 1 : 0);
+    const int null_fd = ::open("/dev/null", O_RDONLY);
+    const int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    if (null_fd >= 0) ::dup2(null_fd, 0);
+    if (log_fd >= 0) {
+      ::dup2(log_fd, 1);
+      ::dup2(log_fd, 2);
+    }
+    // No trainer sockets, MPI fds or the trainer's shm fds leak into the daemon.
+    if (::close_range(3, ~0u, 0) != 0) {
+      for (int fd = 3; fd < 65536; ++fd) ::close(fd);
+    }
+    ::execv(strata_binary.c_str(), argv.data());
+    ::_exit(127);
+  }
+  int wstatus = 0;
+  while (::waitpid(child, &wstatus, 0) < 0 && errno == EINTR) {
+  }
+  const int64_t deadline = NowNs() + 5'000'000'000;
+  Status last;
+  while (NowNs() < deadline) {
+    last = Ping(path);
+    if (last.ok()) return Status::OK();
+    ::usleep(20000);
+  }
+  return Status::Unavailable(fmt::format(
+      "EnsureSnapshotd: started '{} snapshotd --run {}' but nothing answered on {} within 5 s "
+      "(see {}): {}",
+      strata_binary, options.run, path, log, last.message()));
+}
+
+}  // namespace strata::checkpoint

@@ -1,0 +1,150 @@
+// snapshotd: the node-local snapshot manager (#5, after REFT). One process per node and run owns
+// the shared memory that the node's training ranks snapshot into, so a trainer that crashes (or is
+// killed) loses nothing: the restarted rank reattaches to the same regions and resumes from the
+// newest committed version, bitwise identical.
+//
+// Per rank, two POSIX shared-memory slots (checkpoint/snapshot_wire.h: SlotShmName). A version is
+// written into the slot that does NOT hold the newest committed version, so a writer dying
+// mid-snapshot never touches it. When every local rank has published version v (with per-section
+// CRC-32C), v commits: its manifest is recorded (in memory and in each slot's manifest room), and
+// the previous committed version's slots become writable again. Every `persist_every` commits a
+// background thread copies the committed version to persist_dir/<run>/v<version>/ (temp + fsync +
+// rename); a snapshotd started with empty memory answers Latest() from the newest complete disk
+// version and says so. snapshotd exits (removing its shared memory and socket) on Finish, or after
+// `idle_timeout_s` with no client connected.
+//
+// Protocol: proto/snapshot.proto over a Unix socket, one connection per local rank, one request
+// at a time per connection; a single poll() loop serves all of them. A malformed frame closes
+// that connection only.
+//
+// BeginVersion(v) while the rank's writable slot holds a published version w < v that has not
+// committed yet (another local rank is behind) answers Unavailable ("busy"): overwriting w would
+// make it impossible to ever commit, so the client retries until the other ranks catch up (see
+// SnapshotClient::Options::begin_timeout_s). v <= w (a restarted job redoing a step) overwrites.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/status.h"
+#include "proto/snapshot.pb.h"
+
+namespace strata::checkpoint {
+
+struct SnapshotdOptions {
+  std::string run;          // job name; names the socket, the shm objects and the disk folder
+  std::string socket_path;  // empty: DefaultSocketPath(run) = /tmp/strata-snapshotd-<run>.sock
+  std::string persist_dir;  // empty: no disk copies
+  int persist_every = 0;    // persist every N-th committed version; 0: never
+  int persist_keep = 2;     // complete versions kept on disk (older ones removed); 0: keep all
+  double idle_timeout_s = 600;   // exit after this long with no client connected; <= 0: never
+  int expected_local_ranks = 0;  // 0: a version commits once every rank registered so far
+                                 // published it; N: once N ranks did
+};
+
+// Resolves the default socket path.
+std::string SnapshotdSocketPath(const SnapshotdOptions& options);
+
+class Snapshotd {
+ public:
+  // Validates options; does not touch the file system yet (Run does).
+  static StatusOr<std::unique_ptr<Snapshotd>> Create(SnapshotdOptions options);
+  ~Snapshotd();
+  Snapshotd(const Snapshotd&) = delete;
+  Snapshotd& operator=(const Snapshotd&) = delete;
+
+  // Binds the socket and serves until Finish, the idle timeout or Stop(). On return every shared
+  // memory object it created and the socket are removed. AlreadyExists when another live
+  // snapshotd already serves this socket (a lost start race: not an error for the caller that
+  // only wanted one running).
+  Status Run();
+  // From any thread (or a signal handler): makes Run() clean up and return OK.
+  void Stop();
+
+  const SnapshotdOptions& options() const { return options_; }
+
+ private:
+  explicit Snapshotd(SnapshotdOptions options);
+
+  struct Slot {
+    std::string shm_name;
+    uint8_t* base = nullptr;  // mapped SlotBytes(bytes_per_version)
+    int64_t version = -1;     // version written (or being written) here; -1: none
+    bool published = false;   // `version` was published (sections valid)
+    int pins = 0;             // background persistence reading it: not writable
+    std::vector<proto::SnapshotSection> sections;
+  };
+  struct RankState {
+    int rank = -1;
+    int world_size = 0;
+    size_t bytes_per_version = 0;
+    Slot slots[2];
+    int committed_slot = -1;  // slot holding the newest committed version
+    int conn = -1;            // fd of the connection that registered it, -1: none
+  };
+  struct PersistJob {
+    proto::SnapshotManifest manifest;
+    std::vector<std::pair<int, int>> pinned;  // (rank, slot), in manifest.ranks order
+    std::vector<const uint8_t*> bases;        // the pinned slots' mappings, same order
+  };
+
+  Status Bind();
+  void Cleanup();
+  void CloseConn(int fd);
+  proto::SnapshotReply Handle(int fd, const proto::SnapshotRequest& req, bool* finish);
+  StatusOr<proto::RegisterReply> DoRegister(int fd, const proto::RegisterRequest& r);
+  StatusOr<proto::BeginVersionReply> DoBegin(RankState& st, const proto::BeginVersionRequest& r);
+  StatusOr<proto::PublishReply> DoPublish(RankState& st, const proto::PublishRequest& r);
+  proto::LatestReply DoLatest();
+  // Commits `version` when every local rank published it. `recovering`: adopting a version
+  // found in surviving slots (not counted for persistence).
+  void MaybeCommit(int64_t version, bool* committed, bool recovering = false);
+  // Adopts a committed version recorded in reattached slots' manifest rooms (a snapshotd that
+  // restarted while the shared memory survived).
+  void RecoverFromSlots();
+  StatusOr<proto::LatestReply> LatestFromDisk() const;
+  void PersistLoop();
+  Status PersistOne(const PersistJob& job);
+  void ReapPersisted();
+
+  SnapshotdOptions options_;
+  std::string socket_path_;
+  int listen_fd_ = -1;
+  int lock_fd_ = -1;
+  int wake_pipe_[2] = {-1, -1};
+  std::atomic<bool> stop_{false};
+
+  std::map<int, RankState> ranks_;
+  std::map<int, int> conn_rank_;  // fd -> rank (registered connections)
+  int world_size_ = 0;
+  int64_t committed_version_ = -1;
+  proto::SnapshotManifest committed_;
+  int64_t commits_ = 0;
+  bool recovered_ = false;  // committed_ came from slot manifest rooms, not from a commit here
+
+  // Background persistence: the loop thread queues jobs, the persister writes them and hands
+  // the pins back through done_ (the loop releases them, so slot state has one owner).
+  std::thread persister_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<PersistJob> queue_;
+  std::vector<PersistJob> done_;
+  bool persist_stop_ = false;
+};
+
+// Makes sure a snapshotd serves `options`' socket: if nothing answers there, starts
+// `<strata_binary> snapshotd --run ... ` detached (fork + setsid + exec, output appended to
+// /tmp/strata-snapshotd-<run>.log) and waits up to 5 s for it to answer. Two ranks racing here
+// is fine: the second server sees the first holding the socket's lock and exits, and both
+// callers connect to the winner.
+Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strata_binary);
+
+}  // namespace strata::checkpoint
