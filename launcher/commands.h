@@ -21,6 +21,7 @@ void AddBenchCommands(CLI::App& root, std::vector<Command>& commands);
 void AddShardCommand(CLI::App& root, std::vector<Command>& commands);
 void AddInferCommand(CLI::App& root, std::vector<Command>& commands);
 void AddTrainCommand(CLI::App& root, std::vector<Command>& commands);
+void AddChaosCommand(CLI::App& root, std::vector<Command>& commands);
 
 // Writes `data` to `path` as temp + fsync + rename, so a crash never leaves half a file.
 bool WriteFileAtomically(const std::string& path, const std::string& data, std::string* error);

@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   strata::launcher::AddInferCommand(app, commands);
   strata::launcher::AddTrainCommand(app, commands);
   strata::launcher::AddSnapshotdCommand(app, commands);
+  strata::launcher::AddChaosCommand(app, commands);
   strata::launcher::AddBenchCommands(app, commands);
 
   CLI11_PARSE(app, argc, argv);

@@ -1,4 +1,5 @@
 // `strata train`: RAM-centric, data-parallel training across the ranks of an mpirun/srun launch.
+#include <signal.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include "base/clock.h"
@@ -16,6 +18,7 @@
 #include "comm/communicator.h"
 #include "comm/transport/mpi/mpi_transport.h"
 #include "launcher/commands.h"
+#include "launcher/train_snapshot.h"
 #include "memory/param_store.h"
 #include "parallel/dp_trainer.h"
 #include "runtime/file_util.h"
@@ -44,8 +47,28 @@ struct TrainArgs {
   bool json = false;
   bool memory_report = false;
   uint64_t init_seed = 0;
+  std::string run;
+  int snapshot_every = 1;
+  std::string snapshot_dir;
+  int persist_every = 0;
+  std::string resume = "never";
+  int64_t fail_at_step = 0;
+  int fail_rank = 0;
   parallel::DpTrainOptions o;
 };
+
+// What a snapshot must match to be resumed: the model's config and parameter layout.
+uint64_t ModelFingerprint(const runtime::LlamaConfig& config, const memory::ParamLayout& layout) {
+  std::string key = runtime::LlamaConfigJson(config);
+  for (const memory::ParamEntry& e : layout.entries()) {
+    key += e.name;
+    for (int64_t d : e.shape) key += "," + std::to_string(d);
+    key += ";";
+  }
+  uint64_t h = 1469598103934665603ULL;  // FNV-1a 64
+  for (unsigned char c : key) h = (h ^ c) * 1099511628211ULL;
+  return h;
+}
 
 std::string Bytes(double b) {
   const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -147,6 +170,12 @@ int RunTrain(TrainArgs a) {
   if (a.data.empty()) return fail(Status::InvalidArgument("--data FILE is required"));
   if (a.o.steps < 1) return fail(Status::InvalidArgument("--steps must be >= 1"));
   if (!(a.o.lr > 0)) return fail(Status::InvalidArgument("--lr must be > 0"));
+  if (a.resume != "never" && a.resume != "auto") {
+    return fail(Status::InvalidArgument("--resume must be never or auto"));
+  }
+  if (a.resume == "auto" && a.snapshot_every <= 0 && a.snapshot_dir.empty()) {
+    return fail(Status::InvalidArgument("--resume auto needs snapshots (--snapshot-every > 0)"));
+  }
   if (a.stage == "copy") {
     a.o.stage = runtime::StageMode::kCopy;
   } else if (a.stage == "zero-copy") {
@@ -266,6 +295,60 @@ int RunTrain(TrainArgs a) {
                  Bytes(m.workspace).c_str(), Bytes(m.staging).c_str(),
                  Bytes(m.loss_scratch).c_str(), Bytes(ps.arena_bytes() + m.total()).c_str());
   }
+  // Snapshots: this node's snapshotd holds them; --resume auto continues from the newest.
+  std::unique_ptr<TrainSnapshotter> snap;
+  int64_t first_step = 1;
+  if (a.snapshot_every > 0 || a.resume == "auto") {
+    TrainSnapshotOptions sopt;
+    sopt.run = a.run.empty() ? DefaultRunName(a.model.empty() ? a.config : a.model, a.data) : a.run;
+    sopt.every = a.snapshot_every;
+    sopt.persist_dir = a.snapshot_dir;
+    sopt.persist_every = a.persist_every;
+    sopt.local_ranks = local_ranks;
+    sopt.strata_binary = "/proc/self/exe";
+    char exe[4096];
+    const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    if (len > 0) sopt.strata_binary.assign(exe, static_cast<size_t>(len));
+    StatusOr<std::unique_ptr<TrainSnapshotter>> sn = TrainSnapshotter::Start(
+        sopt, &ps, rank, size, ModelFingerprint(config, ps.layout()), a.o.seed);
+    if (!sn.ok()) return abort_all(sn.status());
+    snap = std::move(*sn);
+    // A snapshotd restarted after a crash rebuilds its view from the shared memory as ranks
+    // register: ask for the newest version only once every rank has.
+    if (Status b = comm.Barrier(); !b.ok()) return abort_all(b);
+    StatusOr<ResumeInfo> r = snap->Resume();
+    if (!r.ok()) return abort_all(r.status());
+    // Every rank must resume from the same step (ranks on other nodes ask other snapshotds).
+    std::vector<int64_t> steps(static_cast<size_t>(size));
+    if (Status g = comm.Allgather(&r->step, steps.data(), sizeof(int64_t)); !g.ok()) {
+      return abort_all(g);
+    }
+    for (int64_t other : steps) {
+      if (other != steps[0]) {
+        return abort_all(Status::DataLoss(fmt::format(
+            "run '{}': ranks hold snapshots of different steps ({}, by rank); cannot resume "
+            "consistently", sopt.run, fmt::join(steps, ", "))));
+      }
+    }
+    if (r->step > 0 && a.resume != "auto") {
+      return fail(Status::FailedPrecondition(fmt::format(
+          "run '{}' has a committed snapshot of step {}: pass --resume auto to continue it, or "
+          "--run NAME to start another run", sopt.run, r->step)));
+    }
+    if (r->step > 0) {
+      if (Status g = tr.GatherWeights(); !g.ok()) return abort_all(g);
+      first_step = r->step + 1;
+      if (rank == 0) {
+        std::fprintf(stderr, "strata train: run '%s' resumed after step %lld from %s\n",
+                     sopt.run.c_str(), static_cast<long long>(r->step), r->source.c_str());
+      }
+    } else if (rank == 0 && a.resume == "auto") {
+      std::fprintf(stderr, "strata train: run '%s' has no snapshot yet; starting at step 1\n",
+                   sopt.run.c_str());
+    }
+    tr.set_before_update([s = snap.get()] { return s->Fence(); });
+  }
+
   if (!a.dump_grads.empty()) {
     StatusOr<double> l = tr.ComputeGradients(*corpus, 1);
     if (!l.ok()) return abort_all(l.status());
@@ -276,9 +359,20 @@ int RunTrain(TrainArgs a) {
   const bool tty = isatty(STDERR_FILENO);
   const uint64_t t_start = NowNs();
   double last_loss = 0;
-  for (int64_t step = 1; step <= a.o.steps; ++step) {
+  for (int64_t step = first_step; step <= a.o.steps; ++step) {
     StatusOr<parallel::StepStats> s = tr.Step(*corpus, step);
     if (!s.ok()) return abort_all(s.status());
+    if (snap) {
+      if (Status sst = snap->AfterStep(step); !sst.ok()) return abort_all(sst);
+    }
+    if (a.fail_at_step == step && a.fail_rank == rank) {
+      // Fault injection: die like a crashed rank, mid-job, without any cleanup. Wait for the
+      // snapshot of this step first so the test knows which version must survive.
+      if (snap) (void)snap->Fence();
+      std::fprintf(stderr, "strata train: rank %d kills itself after step %lld (--fail-at-step)\n",
+                   rank, static_cast<long long>(step));
+      ::raise(SIGKILL);
+    }
     last_loss = s->loss;
     const double tps = static_cast<double>(a.o.batch * a.o.seq) / s->seconds;
     int64_t rss = PeakRssBytes();
@@ -301,7 +395,8 @@ int RunTrain(TrainArgs a) {
       std::fflush(stdout);
     }
     const double elapsed = static_cast<double>(NowNs() - t_start) / 1e9;
-    const double eta = elapsed / static_cast<double>(step) * static_cast<double>(a.o.steps - step);
+    const double eta = elapsed / static_cast<double>(step - first_step + 1) *
+                       static_cast<double>(a.o.steps - step);
     const std::string line = fmt::format("step {}/{}  loss {:.4f}  {:.0f} tok/s  lr {:.2e}  ETA {}",
                                          step, a.o.steps, s->loss, tps, s->lr, Duration(eta));
     if (tty) {
@@ -324,7 +419,16 @@ int RunTrain(TrainArgs a) {
                    a.save.c_str(), a.save.c_str());
     }
   }
+  if (snap) {
+    if (Status s = snap->Fence(); !s.ok()) return abort_all(s);
+  }
   if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
+  // The job is over: each node's snapshotd frees its memory and exits.
+  if (snap && comm.topology().local_rank == 0) {
+    if (Status s = snap->Finish(); !s.ok()) {
+      std::fprintf(stderr, "strata train: snapshotd finish: %s\n", s.ToString().c_str());
+    }
+  }
   return 0;
 }
 
@@ -390,6 +494,28 @@ void AddTrainCommand(CLI::App& root, std::vector<Command>& commands) {
       ->capture_default_str();
   app->add_option("--transport", a->transport, "rank-to-rank transport: mpi or tcp")
       ->capture_default_str();
+  app->add_option("--run", a->run,
+                  "name of this run across relaunches (snapshots are kept under it; default: "
+                  "$SLURM_JOB_NAME, else derived from the model/config and data paths)");
+  app->add_option("--snapshot-every", a->snapshot_every,
+                  "copy this rank's shard of the state into the node's snapshotd every N steps, "
+                  "overlapped with the next step (0: no snapshots)")
+      ->capture_default_str();
+  app->add_option("--snapshot-dir", a->snapshot_dir,
+                  "snapshotd also persists snapshots here (see --persist-every)");
+  app->add_option("--persist-every", a->persist_every,
+                  "persist every N-th snapshot to --snapshot-dir, in the background")
+      ->capture_default_str();
+  app->add_option("--resume", a->resume,
+                  "never, or auto: continue the run from its newest committed snapshot (the "
+                  "node's snapshotd after a crash, else disk) and say which")
+      ->capture_default_str();
+  app->add_option("--fail-at-step", a->fail_at_step,
+                  "fault injection: --fail-rank kills itself (SIGKILL) after this step")
+      ->group("Fault injection");
+  app->add_option("--fail-rank", a->fail_rank, "the rank --fail-at-step kills")
+      ->capture_default_str()
+      ->group("Fault injection");
   app->add_option("--save", a->save,
                   "write the trained model here as a Hugging Face folder (config.json, "
                   "model.safetensors, tokenizer.model) for strata shard/infer");

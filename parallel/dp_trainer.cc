@@ -152,6 +152,7 @@ StatusOr<StepStats> DpTrainer::Step(const runtime::TokenCorpus& corpus, int64_t 
     const double coef = opts_.clip / (st.grad_norm + 1e-6);
     if (coef < 1.0) p.grad_scale = static_cast<float>(coef);
   }
+  if (before_update_) STRATA_RETURN_IF_ERROR(before_update_());
   float* w = store_->weights() + begin;
   float* m = store_->moment1();
   float* v = store_->moment2();
@@ -165,17 +166,20 @@ StatusOr<StepStats> DpTrainer::Step(const runtime::TokenCorpus& corpus, int64_t 
     i = j;
   }
   const uint64_t t3 = NowNs();
-  if (size_ > 1) {
-    std::memcpy(slice_.data(), w, n * sizeof(float));
-    STRATA_RETURN_IF_ERROR(
-        comm_->Allgather(slice_.data(), store_->weights(), n * sizeof(float), Ring()));
-  }
+  STRATA_RETURN_IF_ERROR(GatherWeights());
   const uint64_t t4 = NowNs();
   st.compute_seconds = Seconds(t1 - t0);
   st.comm_seconds = Seconds(t2 - t1) + Seconds(t4 - t3);
   st.optimizer_seconds = Seconds(t3 - t2);
   st.seconds = Seconds(t4 - t0);
   return st;
+}
+
+Status DpTrainer::GatherWeights() {
+  if (size_ == 1) return Status::OK();
+  const size_t n = store_->slice_size();
+  std::memcpy(slice_.data(), store_->weights() + store_->slice_begin(), n * sizeof(float));
+  return comm_->Allgather(slice_.data(), store_->weights(), n * sizeof(float), Ring());
 }
 
 }  // namespace strata::parallel

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -73,6 +74,13 @@ class DpTrainer {
   // unreduced-across-ranks gradient of the mean loss (for --dump-grads on one rank, and tests).
   StatusOr<double> ComputeGradients(const runtime::TokenCorpus& corpus, int64_t step);
 
+  // Called in Step right before the optimizer writes this rank's slice (weights and moments):
+  // the fence of an asynchronous snapshot that is still copying the previous step's state.
+  void set_before_update(std::function<Status()> fn) { before_update_ = std::move(fn); }
+  // Every rank's weights from every rank's own slice (all-gather): after a resume has restored
+  // this rank's slice of weights and moments.
+  Status GatherWeights();
+
   const runtime::TrainExecutor& executor() const { return *exec_; }
   int rank() const { return rank_; }
   int size() const { return size_; }
@@ -92,6 +100,7 @@ class DpTrainer {
   std::vector<int32_t> tokens_;
   std::vector<float> slice_;   // reduce-scatter output / all-gather input
   std::vector<uint8_t> decay_; // per float of this rank's slice: weight decay applies
+  std::function<Status()> before_update_;
 };
 
 }  // namespace strata::parallel

@@ -7,3 +7,9 @@ add_test(NAME strata_train_cli COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/train_cli_tes
          $<TARGET_FILE:strata> ${PROJECT_SOURCE_DIR})
 set_tests_properties(strata_train_cli PROPERTIES
   ENVIRONMENT "${STRATA_MPI_TEST_ENV}" LABELS "mpi" TIMEOUT 600)
+# Fault injection: rank crash, snapshotd killed, node memory lost (disk fallback), corruption;
+# every resume is checked byte for byte against an unbroken run.
+add_test(NAME strata_train_fault COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/train_fault_test.sh
+         $<TARGET_FILE:strata> ${PROJECT_SOURCE_DIR})
+set_tests_properties(strata_train_fault PROPERTIES
+  ENVIRONMENT "${STRATA_MPI_TEST_ENV}" LABELS "mpi;fault" TIMEOUT 600)

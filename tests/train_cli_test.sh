@@ -8,7 +8,8 @@
 set -euo pipefail
 STRATA="$1"; SRC="$2"
 WORK="$(mktemp -d /tmp/strata-train-cli-XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+RUN="cli$$"
+trap 'rm -rf "$WORK" /tmp/strata-snapshotd-"$RUN".*' EXIT
 MPIRUN=(mpirun --oversubscribe)
 PY=/usr/bin/python3
 
@@ -16,7 +17,7 @@ $PY "$SRC/tests/reference/make_tiny_llama.py" --out "$WORK/model" > /dev/null
 # Any English text will do as a corpus; the tokenizer is the tiny model's own.
 for i in 1 2 3 4 5 6; do cat "$SRC/README.md"; echo; done > "$WORK/corpus.txt"
 ARGS=(--model "$WORK/model" --data "$WORK/corpus.txt" --steps 4 --batch 4 --seq 32 --lr 3e-3
-      --warmup 1 --json --threads 1)
+      --warmup 1 --json --threads 1 --run "$RUN")
 
 "$STRATA" train "${ARGS[@]}" > "$WORK/a.jsonl" 2> "$WORK/a.err"
 "$STRATA" train "${ARGS[@]}" --dump-grads "$WORK/g1.safetensors" --memory-report \
