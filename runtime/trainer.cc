@@ -384,6 +384,8 @@ void TrainExecutor::LayerForward(const LayerWeights& w, const float* h_in, float
   kernels::MatmulForward(F(g_), F(bn_), w.wg, n, I, d, pool);
   kernels::MatmulForward(F(u_), F(bn_), w.wu, n, I, d, pool);
   kernels::SwiGLU(F(s_), F(g_), F(u_), n * I);
+  // The backward needs the down projection's input, not its output: a recompute skips it.
+  if (h_out == nullptr) return;
   kernels::MatmulForward(h_out, F(s_), w.wd, n, d, I, pool);
   AddInPlace(h_out, F(h2_), n * d);
 }
@@ -507,10 +509,10 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
     }
     for (int l = e - 1; l >= s; --l) {
       LayerWeights w = StageAcquire(step);
-      // The layer's internals: recomputed from its input (its output goes to a scratch buffer),
+      // The layer's internals: recomputed from its input (its output is not needed),
       // except for the last layer when no recompute ran since the forward pass left its internals
       // in the workspace.
-      if (!(l == L - 1 && s == L - 1)) LayerForward(w, input(l), F(ping_));
+      if (!(l == L - 1 && s == L - 1)) LayerForward(w, input(l), nullptr);
       LayerBackward(w, StoreGrads(l), input(l));
       StageRelease(step++);
     }

@@ -122,6 +122,7 @@ class TrainExecutor {
   TrainExecutor() = default;
   Status CheckTokens(const int32_t* tokens);
   // Forward of layer `l` from h_in to h_out (distinct buffers), internals left in the workspace.
+  // h_out null: only the internals the backward needs (the last matrix product is skipped).
   void LayerForward(const LayerWeights& w, const float* h_in, float* h_out);
   // Backward of the layer whose internals are in the workspace (computed from h_in): dh_ holds
   // the gradient of the layer's output on entry and of its input on return.
