@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <utility>
 
@@ -35,8 +36,55 @@ float* F(AlignedBuffer& b) { return b.as<float>(); }
 
 AlignedBuffer Floats(int64_t n) { return AlignedBuffer(static_cast<size_t>(n) * sizeof(float)); }
 
-void AddInPlace(float* y, const float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+// Row- and element-wise ops over the pool: each element is computed exactly as on one thread
+// (no sums across the split), so the split changes nothing in the result.
+void ForRows(ThreadPool* pool, int64_t rows, const std::function<void(int64_t, int64_t)>& fn) {
+  if (pool == nullptr || pool->size() == 1 || rows < 64) {
+    fn(0, rows);
+    return;
+  }
+  pool->ParallelFor(static_cast<size_t>(rows), [&](size_t b, size_t e) {
+    fn(static_cast<int64_t>(b), static_cast<int64_t>(e));
+  }, 16);
+}
+
+void AddInPlace(float* y, const float* x, int64_t rows, int64_t dim, ThreadPool* pool) {
+  ForRows(pool, rows, [&](int64_t b, int64_t e) {
+    for (int64_t i = b * dim; i < e * dim; ++i) y[i] += x[i];
+  });
+}
+
+void RmsNormRows(float* out, const float* x, const float* w, int64_t rows, int64_t dim, float eps,
+                 ThreadPool* pool) {
+  ForRows(pool, rows, [&](int64_t b, int64_t e) {
+    kernels::RmsNorm(out + b * dim, x + b * dim, w, e - b, dim, eps);
+  });
+}
+
+void SwiGLURows(float* out, const float* g, const float* u, int64_t rows, int64_t dim,
+                ThreadPool* pool) {
+  ForRows(pool, rows, [&](int64_t b, int64_t e) {
+    kernels::SwiGLU(out + b * dim, g + b * dim, u + b * dim, (e - b) * dim);
+  });
+}
+
+void SwiGLUBackwardRows(float* dg, float* du, const float* dout, const float* g, const float* u,
+                        int64_t rows, int64_t dim, ThreadPool* pool) {
+  ForRows(pool, rows, [&](int64_t b, int64_t e) {
+    kernels::SwiGLUBackward(dg + b * dim, du + b * dim, dout + b * dim, g + b * dim, u + b * dim,
+                            (e - b) * dim);
+  });
+}
+
+void RopeRows(float* x, int64_t n, int64_t heads, int64_t hd, const int32_t* pos, float theta,
+              bool backward, ThreadPool* pool) {
+  ForRows(pool, n, [&](int64_t b, int64_t e) {
+    if (backward) {
+      kernels::RopeBackward(x + b * heads * hd, e - b, heads, hd, pos + b, theta);
+    } else {
+      kernels::Rope(x + b * heads * hd, e - b, heads, hd, pos + b, theta);
+    }
+  });
 }
 
 }  // namespace
@@ -370,24 +418,24 @@ void TrainExecutor::LayerForward(const LayerWeights& w, const float* h_in, float
   const int64_t I = c.intermediate_size, H = c.num_attention_heads, KV = c.num_key_value_heads;
   const int64_t D = c.head_dim;
   ThreadPool* pool = opts_.pool;
-  kernels::RmsNorm(F(a_), h_in, w.attn_norm, n, d, c.rms_norm_eps);
+  RmsNormRows(F(a_), h_in, w.attn_norm, n, d, c.rms_norm_eps, pool);
   kernels::MatmulForward(F(q_), F(a_), w.wq, n, qd, d, pool);
   kernels::MatmulForward(F(k_), F(a_), w.wk, n, kvd, d, pool);
   kernels::MatmulForward(F(v_), F(a_), w.wv, n, kvd, d, pool);
-  kernels::Rope(F(q_), n, H, D, positions_.data(), c.rope_theta);
-  kernels::Rope(F(k_), n, KV, D, positions_.data(), c.rope_theta);
+  RopeRows(F(q_), n, H, D, positions_.data(), c.rope_theta, false, pool);
+  RopeRows(F(k_), n, KV, D, positions_.data(), c.rope_theta, false, pool);
   kernels::AttentionTrainForward(F(o_), F(lse_), F(q_), F(k_), F(v_), opts_.batch, opts_.seq, H,
                                  KV, D, pool);
   kernels::MatmulForward(F(h2_), F(o_), w.wo, n, d, qd, pool);
-  AddInPlace(F(h2_), h_in, n * d);
-  kernels::RmsNorm(F(bn_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps);
+  AddInPlace(F(h2_), h_in, n, d, pool);
+  RmsNormRows(F(bn_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps, pool);
   kernels::MatmulForward(F(g_), F(bn_), w.wg, n, I, d, pool);
   kernels::MatmulForward(F(u_), F(bn_), w.wu, n, I, d, pool);
-  kernels::SwiGLU(F(s_), F(g_), F(u_), n * I);
+  SwiGLURows(F(s_), F(g_), F(u_), n, I, pool);
   // The backward needs the down projection's input, not its output: a recompute skips it.
   if (h_out == nullptr) return;
   kernels::MatmulForward(h_out, F(s_), w.wd, n, d, I, pool);
-  AddInPlace(h_out, F(h2_), n * d);
+  AddInPlace(h_out, F(h2_), n, d, pool);
 }
 
 void TrainExecutor::LayerBackward(const LayerWeights& w, const LayerGrads& g, const float* h_in) {
@@ -399,7 +447,7 @@ void TrainExecutor::LayerBackward(const LayerWeights& w, const LayerGrads& g, co
   float* dh = F(dh_);  // d(output) on entry; becomes d(h2), then d(input)
   // FFN: out = h2 + down(silu(gate(bn)) * up(bn)), bn = rmsnorm(h2).
   kernels::MatmulBackward(F(ds_), g.wd, dh, F(s_), w.wd, n, d, I, pool);
-  kernels::SwiGLUBackward(F(g_), F(u_), F(ds_), F(g_), F(u_), n * I);  // dgate, dup in place
+  SwiGLUBackwardRows(F(g_), F(u_), F(ds_), F(g_), F(u_), n, I, pool);  // dgate, dup in place
   kernels::MatmulBackward(F(dx_), g.wg, F(g_), F(bn_), w.wg, n, I, d, pool);
   kernels::MatmulBackward(F(dx_), g.wu, F(u_), F(bn_), w.wu, n, I, d, pool, /*accumulate_dx=*/true);
   kernels::RmsNormBackward(dh, g.ffn_norm, F(dx_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps,
@@ -408,8 +456,8 @@ void TrainExecutor::LayerBackward(const LayerWeights& w, const LayerGrads& g, co
   kernels::MatmulBackward(F(do_), g.wo, dh, F(o_), w.wo, n, d, qd, pool);
   kernels::AttentionTrainBackward(F(dq_), F(dk_), F(dv_), F(do_), F(q_), F(k_), F(v_), F(o_),
                                   F(lse_), opts_.batch, opts_.seq, H, KV, D, pool);
-  kernels::RopeBackward(F(dq_), n, H, D, positions_.data(), c.rope_theta);
-  kernels::RopeBackward(F(dk_), n, KV, D, positions_.data(), c.rope_theta);
+  RopeRows(F(dq_), n, H, D, positions_.data(), c.rope_theta, true, pool);
+  RopeRows(F(dk_), n, KV, D, positions_.data(), c.rope_theta, true, pool);
   kernels::MatmulBackward(F(dx_), g.wq, F(dq_), F(a_), w.wq, n, qd, d, pool);
   kernels::MatmulBackward(F(dx_), g.wk, F(dk_), F(a_), w.wk, n, kvd, d, pool, true);
   kernels::MatmulBackward(F(dx_), g.wv, F(dv_), F(a_), w.wv, n, kvd, d, pool, true);
