@@ -316,6 +316,7 @@ int RunTrain(TrainArgs a) {
     // A snapshotd restarted after a crash rebuilds its view from the shared memory as ranks
     // register: ask for the newest version only once every rank has.
     if (Status b = comm.Barrier(); !b.ok()) return abort_all(b);
+    const uint64_t t_restore = NowNs();
     StatusOr<ResumeInfo> r = snap->Resume();
     if (!r.ok()) return abort_all(r.status());
     // Every rank must resume from the same step (ranks on other nodes ask other snapshotds).
@@ -339,8 +340,13 @@ int RunTrain(TrainArgs a) {
       if (Status g = tr.GatherWeights(); !g.ok()) return abort_all(g);
       first_step = r->step + 1;
       if (rank == 0) {
-        std::fprintf(stderr, "strata train: run '%s' resumed after step %lld from %s\n",
-                     sopt.run.c_str(), static_cast<long long>(r->step), r->source.c_str());
+        const size_t state = 3 * ps.slice_size() * sizeof(float) * static_cast<size_t>(size);
+        std::fprintf(stderr,
+                     "strata train: run '%s' resumed after step %lld from %s (%s of state "
+                     "restored in %.3f s)\n",
+                     sopt.run.c_str(), static_cast<long long>(r->step), r->source.c_str(),
+                     Bytes(static_cast<double>(state)).c_str(),
+                     static_cast<double>(NowNs() - t_restore) / 1e9);
       }
     } else if (rank == 0 && a.resume == "auto") {
       std::fprintf(stderr, "strata train: run '%s' has no snapshot yet; starting at step 1\n",
@@ -421,6 +427,16 @@ int RunTrain(TrainArgs a) {
   }
   if (snap) {
     if (Status s = snap->Fence(); !s.ok()) return abort_all(s);
+    if (rank == 0 && snap->snapshots() > 0) {
+      const double bytes = 3.0 * static_cast<double>(ps.slice_size()) * sizeof(float);
+      std::fprintf(stderr,
+                   "strata train: %lld snapshots of %s per rank, %.3f s each on average "
+                   "(copy + checksum + publish, overlapped), %.2f GB/s per rank%s\n",
+                   static_cast<long long>(snap->snapshots()), Bytes(bytes).c_str(),
+                   snap->copy_seconds() / static_cast<double>(snap->snapshots()),
+                   bytes * static_cast<double>(snap->snapshots()) / snap->copy_seconds() / 1e9,
+                   snap->reconnects() > 0 ? "; snapshotd was restarted during the run" : "");
+    }
   }
   if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
   // The job is over: each node's snapshotd frees its memory and exits.

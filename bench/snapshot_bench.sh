@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# What in-memory snapshots cost and what they buy, in one run on this host (2 ranks, mpirun):
+#  1. step time of `strata train` with a snapshot every step vs none (same model, batch, data);
+#  2. snapshot bytes/s per rank (copy + CRC-32C + publish, overlapped with the next step);
+#  3. recovery after a rank crash: the time to restore the state from snapshotd memory;
+#  4. the same state as a conventional checkpoint on local disk: write + fsync time, and the
+#     restore time reading it back with O_DIRECT (no page cache).
+#   bench/snapshot_bench.sh STRATA_BINARY [SIZE]     SIZE: 50m (default) or 100m
+# Environment: THREADS (per rank, default 1), BATCH (8), SEQ (256), STEPS (6).
+set -euo pipefail
+STRATA="$1"; SIZE="${2:-50m}"
+THREADS="${THREADS:-1}"; BATCH="${BATCH:-8}"; SEQ="${SEQ:-256}"; STEPS="${STEPS:-6}"
+WORK="$(mktemp -d /var/tmp/strata-snap-bench-XXXXXX)"  # on disk, not tmpfs
+RUN="snapbench$$"
+cleanup() {
+  "$STRATA" chaos kill-snapshotd --run "$RUN" > /dev/null 2>&1 || true
+  rm -f /dev/shm/strata-snap-"$RUN"-* /tmp/strata-snapshotd-"$RUN".*
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+case "$SIZE" in
+  50m)  CFG='{"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 14, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
+  100m) CFG='{"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14, "num_attention_heads": 12, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
+  *) echo "unknown size $SIZE"; exit 2 ;;
+esac
+echo "$CFG" > "$WORK/config.json"
+/usr/bin/python3 -c "
+import numpy as np
+np.random.default_rng(0).integers(0, 8192, 1_000_000, dtype=np.int32).astype('<i4').tofile('$WORK/tokens.i32')"
+MPIRUN=(mpirun --oversubscribe -np 2)
+ARGS=(--config "$WORK/config.json" --data "$WORK/tokens.i32" --steps "$STEPS" --batch "$BATCH"
+      --seq "$SEQ" --threads "$THREADS" --warmup 1 --json)
+
+median_step() {
+  /usr/bin/python3 -c "
+import json, statistics, sys
+rows = [json.loads(l) for l in open('$1') if l.strip()]
+print(statistics.median(r['step_s'] for r in rows[1:]))"
+}
+# Interleaved, twice each, so drifting load hits both alike.
+for i in 1 2; do
+  "${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --snapshot-every 0 > "$WORK/off$i.jsonl" 2> /dev/null
+  "${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN-$i" --snapshot-every 1 \
+    > "$WORK/on$i.jsonl" 2> "$WORK/on$i.err"
+done
+off=$(/usr/bin/python3 -c "print(min($(median_step "$WORK/off1.jsonl"), $(median_step "$WORK/off2.jsonl")))")
+on=$(/usr/bin/python3 -c "print(min($(median_step "$WORK/on1.jsonl"), $(median_step "$WORK/on2.jsonl")))")
+echo "step time, no snapshots:        ${off} s"
+echo "step time, snapshot every step: ${on} s  ($(/usr/bin/python3 -c "print(f'{($on / $off - 1) * 100:+.1f}%')"))"
+grep "snapshots of" "$WORK/on1.err" | sed 's/^strata train: /per rank: /'
+
+# Recovery after a rank crash: rank 1 dies after step 3, the relaunch restores from memory.
+"${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN" --fail-at-step 3 --fail-rank 1 \
+  > /dev/null 2>&1 || true
+"${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN" --resume auto --steps 4 \
+  > /dev/null 2> "$WORK/resume.err"
+grep "resumed after" "$WORK/resume.err" | sed 's/^strata train: /rank crash: /'
+t_launch=$( { /usr/bin/time -f %e "${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN-x" \
+  --steps 0 --snapshot-every 0 > /dev/null 2>/dev/null; } 2>&1 | tail -1 || true)
+
+# The same state as a conventional checkpoint: each rank's shard files (weights, m, v slices) are
+# exactly what the snapshot slots hold; write them to local disk with fsync, read with O_DIRECT.
+total=0
+for f in /dev/shm/strata-snap-"$RUN"-r*-s0; do
+  n=$(stat -c %s "$f")
+  total=$((total + n))
+done
+start=$(date +%s.%N)
+for f in /dev/shm/strata-snap-"$RUN"-r*-s0; do
+  dd if="$f" of="$WORK/ckpt-$(basename "$f")" bs=4M conv=fsync status=none
+done
+mid=$(date +%s.%N)
+sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+for f in "$WORK"/ckpt-*; do dd if="$f" of=/dev/null bs=4M iflag=direct status=none; done
+end=$(date +%s.%N)
+/usr/bin/python3 - "$total" "$start" "$mid" "$end" <<'PY'
+import sys
+total, start, mid, end = int(sys.argv[1]), *map(float, sys.argv[2:])
+gib = total / 2**30
+print(f"disk checkpoint of the same {gib:.2f} GiB (2 ranks): write+fsync {mid - start:.2f} s "
+      f"({total / (mid - start) / 1e9:.2f} GB/s), O_DIRECT read {end - mid:.2f} s "
+      f"({total / (end - mid) / 1e9:.2f} GB/s)")
+PY
