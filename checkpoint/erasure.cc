@@ -107,33 +107,6 @@ void ReedSolomon::RecoverRange(const Recovery& recovery, uint8_t* const* fragmen
                  src.data(), dst.data());
 }
 
-Status ReedSolomon::EncodeRow(int row, const uint8_t* const* data, uint8_t* out, size_t len,
-                              ThreadPool* pool) const {
-  if (row < 0 || row >= m_) {
-    return Status::InvalidArgument(fmt::format("ReedSolomon::EncodeRow: row {} of {}", row, m_));
-  }
-  if (len == 0) return Status::OK();
-  if (data == nullptr || out == nullptr) {
-    return Status::InvalidArgument("ReedSolomon::EncodeRow: null buffer");
-  }
-  for (int j = 0; j < k_; ++j) {
-    if (data[j] == nullptr) return Status::InvalidArgument("ReedSolomon::EncodeRow: null data");
-  }
-  // ec_init_tables lays the tables out row by row (32 * k bytes per row), so row `row` alone is
-  // a one-row code over the same data.
-  uint8_t* tables = const_cast<uint8_t*>(encode_tables_.data()) + static_cast<size_t>(row) * 32 * k_;
-  const size_t chunk = options_.chunk_bytes;
-  RunItems(NumChunks(len), pool, [&](size_t c) {
-    const size_t offset = c * chunk;
-    PtrArray src;
-    for (int j = 0; j < k_; ++j) src[j] = const_cast<uint8_t*>(data[j]) + offset;
-    uint8_t* dst = out + offset;
-    ec_encode_data(static_cast<int>(std::min(chunk, len - offset)), k_, 1, tables, src.data(),
-                   &dst);
-  });
-  return Status::OK();
-}
-
 Status ReedSolomon::Encode(const uint8_t* const* data, uint8_t* const* parity, size_t len,
                            ThreadPool* pool) const {
   if (m_ == 0 || len == 0) return Status::OK();

@@ -109,12 +109,6 @@ class ReedSolomon {
   Status Encode(const uint8_t* const* data, uint8_t* const* parity, size_t len,
                 ThreadPool* pool = nullptr) const;
 
-  // Parity row `row` (0 <= row < m) alone: out = sum_j matrix[k + row][j] * data[j], the same
-  // bytes Encode writes to parity[row]. A node that stores one parity fragment of a stripe
-  // computes just that one.
-  Status EncodeRow(int row, const uint8_t* const* data, uint8_t* out, size_t len,
-                   ThreadPool* pool = nullptr) const;
-
   // fragments: k + m pointers, data fragments first, then parity, each `len` bytes.
   // present[i] says whether fragments[i] holds valid bytes. Rewrites every fragment that is not
   // present (data and parity) from the present ones. Present fragments are only read.

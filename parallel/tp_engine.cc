@@ -9,10 +9,7 @@
 #include "base/dtype.h"
 #include "kernels/quant.h"
 
-#include <map>
-#include <cstdio>
 namespace strata::parallel {
-std::map<std::string,int64_t> g_prof;
 namespace {
 
 StatusOr<kernels::WeightType> WeightTypeOf(const std::string& s) {
@@ -211,24 +208,12 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const int attn_index = static_cast<int>(2 * l);
     STRATA_ASSIGN_OR_RETURN(BlockTensors w, AcquireBlock(attn_index));
-    { const int64_t _t0 = NowNs();
     kernels::RmsNorm(h.data(), x.data(), input_norm_[l].data(), n, hidden, c.rms_norm_eps);
-      g_prof["RmsNorm:h"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Linear(q.data(), h.data(), w.w[0], wtype_, n, heads_ * hd, hidden, pool_);
-      g_prof["Linear:q"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Linear(k.data(), h.data(), w.w[1], wtype_, n, kv_heads_ * hd, hidden, pool_);
-      g_prof["Linear:k"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Linear(v.data(), h.data(), w.w[2], wtype_, n, kv_heads_ * hd, hidden, pool_);
-      g_prof["Linear:v"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Rope(q.data(), n, heads_, hd, positions.data(), c.rope_theta);
-      g_prof["Rope:q"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Rope(k.data(), n, kv_heads_, hd, positions.data(), c.rope_theta);
-      g_prof["Rope:k"] += NowNs() - _t0; }
     float* kc = k_cache_[l].as<float>();
     float* vc = v_cache_[l].as<float>();
     const size_t row = static_cast<size_t>(kv_heads_ * hd);
@@ -236,48 +221,29 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
       std::memcpy(kc + (pos + t) * row, k.data() + t * row, row * 4);
       std::memcpy(vc + (pos + t) * row, v.data() + t * row, row * 4);
     }
-    { const int64_t _t0 = NowNs();
     kernels::Attention(att.data(), q.data(), kc, vc, n, heads_, kv_heads_, hd, positions.data(),
-      g_prof["Attention:att"] += NowNs() - _t0; }
                        pool_);
-    { const int64_t _t0 = NowNs();
     kernels::Linear(part.data(), att.data(), w.w[3], wtype_, n, hidden, heads_ * hd, pool_);
-      g_prof["Linear:part"] += NowNs() - _t0; }
     window_->Release(attn_index);
     STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));
 
     const int ffn_index = attn_index + 1;
     STRATA_ASSIGN_OR_RETURN(w, AcquireBlock(ffn_index));
-    { const int64_t _t0 = NowNs();
     kernels::RmsNorm(h.data(), x.data(), post_norm_[l].data(), n, hidden, c.rms_norm_eps);
-      g_prof["RmsNorm:h"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Linear(gate.data(), h.data(), w.w[0], wtype_, n, ffn_, hidden, pool_);
-      g_prof["Linear:gate"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Linear(up.data(), h.data(), w.w[1], wtype_, n, ffn_, hidden, pool_);
-      g_prof["Linear:up"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::SwiGLU(gate.data(), gate.data(), up.data(), n * ffn_);
-      g_prof["SwiGLU:gate"] += NowNs() - _t0; }
-    { const int64_t _t0 = NowNs();
     kernels::Linear(part.data(), gate.data(), w.w[2], wtype_, n, hidden, ffn_, pool_);
-      g_prof["Linear:part"] += NowNs() - _t0; }
     window_->Release(ffn_index);
     STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));
   }
-  if (n > 1) { for (auto& [k_, v_] : g_prof) std::fprintf(stderr, "PROF %s %.1f ms\n", k_.c_str(), v_ / 1e6); g_prof.clear(); }
   if (comm_.rank() != 0) return Status::OK();
   const int64_t first = all_logits ? 0 : n - 1;
   const int64_t rows = n - first;
-    { const int64_t _t0 = NowNs();
   kernels::RmsNorm(h.data(), x.data() + first * hidden, final_norm_.data(), rows, hidden,
-      g_prof["RmsNorm:h"] += NowNs() - _t0; }
                    c.rms_norm_eps);
   logits->assign(static_cast<size_t>(rows * c.vocab_size), 0.0f);
-    { const int64_t _t0 = NowNs();
   kernels::Linear(logits->data(), h.data(), lm_head_.data(), wtype_, rows, c.vocab_size, hidden,
-      g_prof["Linear:logits->data"] += NowNs() - _t0; }
                   pool_);
   return Status::OK();
 }
