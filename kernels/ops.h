@@ -23,9 +23,13 @@ size_t WeightBytes(WeightType t, int64_t out_features, int64_t in_features);
 // W is [N, K] as Hugging Face stores it (bf16 as raw bits, q8_0 as ggml blocks). M == 1 (decode)
 // streams W once, split by rows over the pool. f32 and bf16 multiply in f32; q8_0 on the avx512
 // path quantizes x per 32-block to int16 and uses VNNI integer dot products (relative error
-// ~1e-5, far below q8_0's own), on avx2/generic it widens the weights to f32. M > 1 (prefill)
-// converts 64-row blocks of W to f32 and multiplies them with OpenBLAS sgemm, so W is read once
-// per call; OpenBLAS is set to one thread on first use because the pool does the threading.
+// ~1e-5, far below q8_0's own), on avx2/generic it widens the weights to f32. M > 1 (prefill):
+// q8_0 on the avx512 path quantizes x per token and 32-block to int8 (as ggml's q8_0 x q8_0: an
+// error as large as the q8_0 weights' own, ~1e-3 rms of the output's scale) and multiplies
+// with VNNI vpdpbusd over 32-row panels of W repacked per call, so each weight load serves six
+// tokens; f32 calls OpenBLAS sgemm once per thread on its rows; bf16 (and q8_0 on avx2/generic)
+// converts 64-row blocks of W to f32 for sgemm. W is read once per call; OpenBLAS is set to one
+// thread on first use because the pool does the threading.
 // `pool` may be null (caller only); do not call from inside that pool's ParallelFor. y must not
 // alias x.
 void Linear(float* y, const float* x, const void* w, WeightType wt, int64_t M, int64_t N, int64_t K,

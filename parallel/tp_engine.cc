@@ -232,7 +232,10 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
     kernels::RmsNorm(h.data(), x.data(), post_norm_[l].data(), n, hidden, c.rms_norm_eps);
     kernels::Linear(gate.data(), h.data(), w.w[0], wtype_, n, ffn_, hidden, pool_);
     kernels::Linear(up.data(), h.data(), w.w[1], wtype_, n, ffn_, hidden, pool_);
-    kernels::SwiGLU(gate.data(), gate.data(), up.data(), n * ffn_);
+    // Split over the pool when it is large (prefill: n * ffn_ sigmoids); decode stays inline.
+    pool_->ParallelFor(static_cast<size_t>(n * ffn_), [&](size_t b, size_t e) {
+      kernels::SwiGLU(gate.data() + b, gate.data() + b, up.data() + b, static_cast<int64_t>(e - b));
+    }, 16384);
     kernels::Linear(part.data(), gate.data(), w.w[2], wtype_, n, hidden, ffn_, pool_);
     window_->Release(ffn_index);
     STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));

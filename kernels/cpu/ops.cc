@@ -101,7 +101,45 @@ void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, 
     });
     return;
   }
+  if (wt == WeightType::kQ8_0 && table.gemm_q8 != nullptr) {
+    // x quantized once per call by the pool's threads; the caller's buffer, grown once.
+    const int64_t nb = K / kQ8BlockSize;
+    thread_local AlignedBuffer xbuf;
+    const size_t xq_bytes = (static_cast<size_t>(M * K) + 63) / 64 * 64;
+    const size_t need = xq_bytes + static_cast<size_t>(M * nb) * sizeof(float);
+    if (xbuf.size() < need) xbuf.Resize(need);
+    auto* xq = xbuf.as<uint8_t>();
+    auto* xd = reinterpret_cast<float*>(xq + xq_bytes);
+    ParallelOrInline(pool, static_cast<size_t>(M), 4, [&](size_t b, size_t e) {
+      table.quantize_x_u8(xq, xd, x, static_cast<int64_t>(b), static_cast<int64_t>(e), K);
+    });
+    const int64_t panels = (N + kGemmQ8PanelRows - 1) / kGemmQ8PanelRows;
+    ParallelOrInline(pool, static_cast<size_t>(panels), 1, [&](size_t b, size_t e) {
+      thread_local AlignedBuffer panel;
+      if (panel.size() < GemmQ8ScratchBytes(K)) panel.Resize(GemmQ8ScratchBytes(K));
+      table.gemm_q8(y, xq, xd, w, M, N, K, static_cast<int64_t>(b) * kGemmQ8PanelRows,
+                    std::min(N, static_cast<int64_t>(e) * kGemmQ8PanelRows), panel.data());
+    });
+    return;
+  }
   SingleThreadBlas();
+  if (wt == WeightType::kF32) {
+    // Nothing to convert: one sgemm per thread over its share of the rows, so OpenBLAS packs x
+    // once per thread instead of once per 64 rows (x is as large as 64 rows of W at M = 64).
+    const int64_t parts = pool == nullptr ? 1 : static_cast<int64_t>(pool->size());
+    ParallelOrInline(pool, static_cast<size_t>(parts), 1, [&](size_t b, size_t e) {
+      for (auto p = static_cast<int64_t>(b); p < static_cast<int64_t>(e); ++p) {
+        const int64_t n0 = N * p / parts / 16 * 16;
+        const int64_t n1 = p + 1 == parts ? N : N * (p + 1) / parts / 16 * 16;
+        if (n1 <= n0) continue;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
+                    static_cast<int>(n1 - n0), static_cast<int>(K), 1.0f, x, static_cast<int>(K),
+                    static_cast<const float*>(w) + n0 * K, static_cast<int>(K), 0.0f, y + n0,
+                    static_cast<int>(N));
+      }
+    });
+    return;
+  }
   const int64_t blocks = (N + kPrefillRows - 1) / kPrefillRows;
   ParallelOrInline(pool, static_cast<size_t>(blocks), 1, [&](size_t b, size_t e) {
     thread_local AlignedBuffer scratch;

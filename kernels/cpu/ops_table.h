@@ -28,8 +28,25 @@ struct OpsTable {
   // scratch holds len floats.
   void (*attend)(float* out, const float* q, const float* k, const float* v, int64_t kv_stride,
                  int64_t head_dim, int64_t len, float scale, float* scratch);
+  // q8_0 with M > 1 (prefill) in int8 (null where the ISA lacks VNNI: Linear then widens the
+  // weights to f32 for sgemm). quantize_x_u8 writes tokens [m0, m1) of x [M, K] as u8 (int8 + 128)
+  // into xq [M, K] and their per-32-block scales into xd [M, K / 32]. gemm_q8 computes
+  // y[m, n] (row stride N) for every m < M and n in [n0, n1) from them; scratch holds
+  // GemmQ8ScratchBytes(K), 64-byte aligned, for one repacked 32-row panel of W.
+  void (*quantize_x_u8)(uint8_t* xq, float* xd, const float* x, int64_t m0, int64_t m1,
+                        int64_t K);
+  void (*gemm_q8)(float* y, const uint8_t* xq, const float* xd, const void* w, int64_t M,
+                  int64_t N, int64_t K, int64_t n0, int64_t n1, void* scratch);
   const char* isa;
 };
+
+// Rows per gemm_q8 panel (the unit its callers split N by); bytes per 32-block of a packed panel
+// (8 vectors of 4 weights x 32 rows, then 32 scales and 32 offset corrections); a panel's bytes.
+inline constexpr int64_t kGemmQ8PanelRows = 32;
+inline constexpr int64_t kGemmQ8PanelBlockBytes = 8 * 128 + 128 + 128;
+inline size_t GemmQ8ScratchBytes(int64_t K) {
+  return static_cast<size_t>(K / 32 * kGemmQ8PanelBlockBytes);
+}
 
 namespace generic {
 extern const OpsTable kOpsTable;
