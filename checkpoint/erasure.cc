@@ -46,10 +46,15 @@ Status CheckCode(int k, int m) {
 }  // namespace
 
 uint32_t FragmentChecksum(const void* data, size_t len) {
+  return FragmentChecksumExtend(0, data, len);
+}
+
+uint32_t FragmentChecksumExtend(uint32_t crc_so_far, const void* data, size_t len) {
   // crc32_iscsi is the bare CRC register update: the standard CRC-32C pre- and post-inverts, and
-  // chaining the register across pieces covers buffers longer than an int.
+  // chaining the register across pieces covers buffers longer than an int. The register after
+  // the earlier bytes is the inverse of their standard CRC.
   auto* p = static_cast<unsigned char*>(const_cast<void*>(data));
-  uint32_t crc = 0xFFFFFFFFu;
+  uint32_t crc = ~crc_so_far;
   while (len > 0) {
     const size_t n = std::min(len, kMaxCallBytes);
     crc = crc32_iscsi(p, static_cast<int>(n), crc);
@@ -105,6 +110,33 @@ void ReedSolomon::RecoverRange(const Recovery& recovery, uint8_t* const* fragmen
   for (int t = 0; t < rows; ++t) dst[t] = fragments[recovery.targets[t]] + offset;
   ec_encode_data(static_cast<int>(len), k_, rows, const_cast<uint8_t*>(recovery.tables.data()),
                  src.data(), dst.data());
+}
+
+Status ReedSolomon::EncodeRow(int row, const uint8_t* const* data, uint8_t* out, size_t len,
+                              ThreadPool* pool) const {
+  if (row < 0 || row >= m_) {
+    return Status::InvalidArgument(fmt::format("ReedSolomon::EncodeRow: row {} of {}", row, m_));
+  }
+  if (len == 0) return Status::OK();
+  if (data == nullptr || out == nullptr) {
+    return Status::InvalidArgument("ReedSolomon::EncodeRow: null buffer");
+  }
+  for (int j = 0; j < k_; ++j) {
+    if (data[j] == nullptr) return Status::InvalidArgument("ReedSolomon::EncodeRow: null data");
+  }
+  // ec_init_tables lays the tables out row by row (32 * k bytes per row), so row `row` alone is
+  // a one-row code over the same data.
+  uint8_t* tables = const_cast<uint8_t*>(encode_tables_.data()) + static_cast<size_t>(row) * 32 * k_;
+  const size_t chunk = options_.chunk_bytes;
+  RunItems(NumChunks(len), pool, [&](size_t c) {
+    const size_t offset = c * chunk;
+    PtrArray src;
+    for (int j = 0; j < k_; ++j) src[j] = const_cast<uint8_t*>(data[j]) + offset;
+    uint8_t* dst = out + offset;
+    ec_encode_data(static_cast<int>(std::min(chunk, len - offset)), k_, 1, tables, src.data(),
+                   &dst);
+  });
+  return Status::OK();
 }
 
 Status ReedSolomon::Encode(const uint8_t* const* data, uint8_t* const* parity, size_t len,

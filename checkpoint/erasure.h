@@ -76,6 +76,10 @@ namespace strata::checkpoint {
 
 // CRC-32C of `len` bytes (any length, including 0 and > 2 GiB).
 uint32_t FragmentChecksum(const void* data, size_t len);
+// The CRC-32C of the bytes whose CRC-32C is `crc` followed by `len` more bytes: checksums a
+// buffer held in several pieces without gathering it. FragmentChecksumExtend(0, p, n) ==
+// FragmentChecksum(p, n).
+uint32_t FragmentChecksumExtend(uint32_t crc, const void* data, size_t len);
 
 class StripeLayout;
 
@@ -108,6 +112,12 @@ class ReedSolomon {
   // chunks in parallel; the result does not depend on it.
   Status Encode(const uint8_t* const* data, uint8_t* const* parity, size_t len,
                 ThreadPool* pool = nullptr) const;
+
+  // Parity row `row` (0 <= row < m) alone: out = sum_j matrix[k + row][j] * data[j], the same
+  // bytes Encode writes to parity[row]. A node that stores one parity fragment of a stripe
+  // computes just that one.
+  Status EncodeRow(int row, const uint8_t* const* data, uint8_t* out, size_t len,
+                   ThreadPool* pool = nullptr) const;
 
   // fragments: k + m pointers, data fragments first, then parity, each `len` bytes.
   // present[i] says whether fragments[i] holds valid bytes. Rewrites every fragment that is not

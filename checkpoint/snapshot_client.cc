@@ -208,7 +208,10 @@ StatusOr<LatestInfo> SnapshotClient::Latest() {
     info.from_disk = l.from_disk();
     info.disk_dir = l.disk_dir();
     info.manifest = l.manifest();
+    info.parity_protected = l.parity_protected();
+    info.rebuilt = l.rebuilt();
   }
+  info.note = l.note();
   return info;
 }
 

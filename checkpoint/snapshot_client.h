@@ -47,6 +47,12 @@ struct LatestInfo {
   bool from_disk = false;  // snapshotd's memory was empty; this came from persist_dir
   std::string disk_dir;    // persist_dir/<run>/v<version> when from_disk
   proto::SnapshotManifest manifest;  // every local rank: shm name or file, sections, crc32c
+  // Erasure coding across nodes (snapshotd with peers): the version is group-committed (every
+  // node's data and all parity in place), and whether this node's data of it was lost and
+  // rebuilt by erasure decoding from the other nodes of its group.
+  bool parity_protected = false;
+  bool rebuilt = false;
+  std::string note;  // snapshotd's remark: how it was rebuilt, why disk was used, ...
 };
 
 class SnapshotClient {

@@ -223,4 +223,12 @@ StatusOr<int> ConnectUnix(const std::string& path) {
   return fd;
 }
 
+Status WriteBytes(int fd, const void* data, size_t n, int timeout_ms) {
+  return WriteAll(fd, static_cast<const uint8_t*>(data), n, DeadlineFrom(timeout_ms));
+}
+
+Status ReadBytes(int fd, void* data, size_t n, int timeout_ms) {
+  return ReadAll(fd, static_cast<uint8_t*>(data), n, DeadlineFrom(timeout_ms));
+}
+
 }  // namespace strata::checkpoint

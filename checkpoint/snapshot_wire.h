@@ -48,6 +48,11 @@ StatusOr<proto::SnapshotManifest> ReadSlotManifest(const uint8_t* slot, size_t b
 Status WriteFrame(int fd, const google::protobuf::MessageLite& msg, int timeout_ms);
 Status ReadFrame(int fd, google::protobuf::MessageLite* msg, int timeout_ms);
 
+// Raw bytes on a stream socket (the bulk that follows some peer frames, snapshot_ec.h); the same
+// errors as the frame functions. `timeout_ms` bounds the whole transfer (< 0: forever).
+Status WriteBytes(int fd, const void* data, size_t n, int timeout_ms);
+Status ReadBytes(int fd, void* data, size_t n, int timeout_ms);
+
 // Connects a SOCK_STREAM Unix socket to `path`; Unavailable when nobody listens there.
 StatusOr<int> ConnectUnix(const std::string& path);
 

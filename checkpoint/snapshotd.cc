@@ -22,6 +22,7 @@
 #include "base/clock.h"
 #include "base/logging.h"
 #include "checkpoint/erasure.h"
+#include "checkpoint/snapshot_ec.h"
 #include "checkpoint/snapshot_wire.h"
 
 namespace strata::checkpoint {
@@ -95,6 +96,21 @@ StatusOr<std::unique_ptr<Snapshotd>> Snapshotd::Create(SnapshotdOptions options)
   if (options.expected_local_ranks < 0) {
     return Status::InvalidArgument("snapshotd: expected_local_ranks must be >= 0");
   }
+  if (options.peers.size() > 1) {
+    const int nodes = static_cast<int>(options.peers.size());
+    if (options.ec_k == 0 && options.ec_m == 0) {
+      std::tie(options.ec_k, options.ec_m) = DefaultEcGroup(nodes);
+    }
+    if (options.ec_k < 1 || options.ec_m < 1 || nodes % (options.ec_k + options.ec_m) != 0) {
+      return Status::InvalidArgument(fmt::format(
+          "snapshotd: --ec {},{} does not fit {} nodes (need k >= 1, m >= 1 and groups of k + m "
+          "nodes that divide the node count)", options.ec_k, options.ec_m, nodes));
+    }
+    if (options.node < 0 || options.node >= nodes) {
+      return Status::InvalidArgument(
+          fmt::format("snapshotd: --node {} outside the {} peers", options.node, nodes));
+    }
+  }
   const std::string path = SnapshotdSocketPath(options);
   if (path.size() >= sizeof(sockaddr_un::sun_path)) {
     return Status::InvalidArgument(fmt::format("snapshotd: socket path too long: {}", path));
@@ -103,7 +119,9 @@ StatusOr<std::unique_ptr<Snapshotd>> Snapshotd::Create(SnapshotdOptions options)
 }
 
 Snapshotd::Snapshotd(SnapshotdOptions options)
-    : options_(std::move(options)), socket_path_(SnapshotdSocketPath(options_)) {}
+    : options_(std::move(options)),
+      socket_path_(SnapshotdSocketPath(options_)),
+      shm_run_(options_.shm_tag.empty() ? options_.run : options_.run + "." + options_.shm_tag) {}
 
 Snapshotd::~Snapshotd() { Cleanup(); }
 
@@ -154,6 +172,30 @@ Status Snapshotd::Run() {
   STRATA_LOG(INFO, CKPT, "snapshotd run={} pid={} listening on {}", options_.run, ::getpid(),
              socket_path_);
   if (options_.persist_every > 0) persister_ = std::thread([this] { PersistLoop(); });
+  if (options_.peers.size() > 1) {
+    EcOptions eo;
+    eo.peers = options_.peers;
+    eo.node = options_.node;
+    eo.k = options_.ec_k;
+    eo.m = options_.ec_m;
+    eo.listen = options_.listen;
+    eo.shm_run = shm_run_;
+    eo.threads = options_.ec_threads;
+    const int wake_fd = wake_pipe_[1];
+    auto ec = EcPeer::Create(std::move(eo), [wake_fd] {
+      const char c = 'e';
+      [[maybe_unused]] ssize_t r = ::write(wake_fd, &c, 1);
+    });
+    Status started = ec.status();
+    if (ec.ok()) {
+      ec_ = std::move(*ec);
+      started = ec_->Start();
+    }
+    if (!started.ok()) {
+      Cleanup();
+      return started;
+    }
+  }
 
   struct Conn {
     std::string in;
@@ -191,6 +233,7 @@ Status Snapshotd::Run() {
       while (::read(wake_pipe_[0], drain, sizeof(drain)) > 0) {
       }
       ReapPersisted();
+      if (ec_) ProcessEc();
     }
     if (pfds[1].revents & POLLIN) {
       for (;;) {
@@ -278,6 +321,11 @@ void Snapshotd::CloseConn(int fd) {
 }
 
 void Snapshotd::Cleanup() {
+  // The peer service reads slot memory: it stops before anything is unmapped.
+  if (ec_) {
+    ec_->Shutdown();
+    ec_.reset();
+  }
   // Persistence first: a version queued before Finish still reaches the disk, and nothing may
   // read a slot after it is unmapped.
   if (persister_.joinable()) {
@@ -353,8 +401,12 @@ proto::SnapshotReply Snapshotd::Handle(int fd, const proto::SnapshotRequest& req
       break;
     }
     case proto::SnapshotRequest::kLatest:
-      *reply.mutable_latest() = DoLatest();
+    {
+      auto r = DoLatest();
+      if (r.ok()) *reply.mutable_latest() = std::move(*r);
+      st = r.status();
       break;
+    }
     case proto::SnapshotRequest::kFinish:
       reply.mutable_finish();
       *finish = true;
@@ -374,6 +426,74 @@ proto::SnapshotReply Snapshotd::Handle(int fd, const proto::SnapshotRequest& req
     STRATA_LOG(DEBUG, CKPT, "snapshotd: request failed: {}", st.ToString());
   }
   return reply;
+}
+
+StatusOr<Snapshotd::RankState*> Snapshotd::OpenRank(int rank, int world, size_t bytes,
+                                                     bool* reattached_out) {
+  const size_t slot_bytes = SlotBytes(bytes);
+  RankState st;
+  st.rank = rank;
+  st.world_size = world;
+  st.bytes_per_version = bytes;
+  bool reattached_all = true;
+  for (int i = 0; i < 2; ++i) {
+    Slot& s = st.slots[i];
+    s.shm_name = SlotShmName(shm_run_, rank, i);
+    const int shm = ::shm_open(s.shm_name.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    Status err;
+    if (shm < 0) err = ErrnoStatus(fmt::format("shm_open {}", s.shm_name), errno);
+    struct stat sb {};
+    bool reattached = false;
+    if (err.ok() && ::fstat(shm, &sb) != 0) err = ErrnoStatus("fstat shm", errno);
+    if (err.ok()) {
+      reattached = static_cast<size_t>(sb.st_size) == slot_bytes;
+      if (!reattached) {
+        // Fresh, or left by a job of another size: start from zeros. posix_fallocate reserves
+        // the pages now so a full /dev/shm is an error here rather than SIGBUS in a trainer.
+        if (::ftruncate(shm, 0) != 0 || ::ftruncate(shm, static_cast<off_t>(slot_bytes)) != 0) {
+          err = ErrnoStatus(fmt::format("ftruncate {}", s.shm_name), errno);
+        } else if (const int e = ::posix_fallocate(shm, 0, static_cast<off_t>(slot_bytes));
+                   e != 0) {
+          err = e == ENOSPC ? Status::ResourceExhausted(fmt::format(
+                                  "shared memory full: cannot reserve {} bytes for {}",
+                                  slot_bytes, s.shm_name))
+                            : ErrnoStatus(fmt::format("posix_fallocate {}", s.shm_name), e);
+        }
+      }
+    }
+    if (err.ok()) {
+      void* p = ::mmap(nullptr, slot_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, shm, 0);
+      if (p == MAP_FAILED) {
+        err = ErrnoStatus(fmt::format("mmap {}", s.shm_name), errno);
+      } else {
+        s.base = static_cast<uint8_t*>(p);
+      }
+    }
+    if (shm >= 0) ::close(shm);
+    if (!err.ok()) {
+      for (Slot& u : st.slots) {
+        if (u.base != nullptr) ::munmap(u.base, slot_bytes);
+        if (!u.shm_name.empty()) ::shm_unlink(u.shm_name.c_str());
+      }
+      return err;
+    }
+    reattached_all = reattached_all && reattached;
+    if (reattached) {
+      // What this slot held for a snapshotd that died: only committed versions matter (see
+      // RecoverFromSlots); anything else is treated as free.
+      auto m = ReadSlotManifest(s.base, bytes);
+      if (m.ok() && m->committed() && m->ranks_size() == 1 && m->ranks(0).rank() == rank) {
+        s.version = m->version();
+        s.published = true;
+        s.sections.assign(m->ranks(0).sections().begin(), m->ranks(0).sections().end());
+      }
+    }
+  }
+  world_size_ = world;
+  *reattached_out = reattached_all;
+  RankState& placed = ranks_[rank];
+  placed = std::move(st);
+  return &placed;
 }
 
 StatusOr<proto::RegisterReply> Snapshotd::DoRegister(int fd, const proto::RegisterRequest& r) {
@@ -423,71 +543,15 @@ StatusOr<proto::RegisterReply> Snapshotd::DoRegister(int fd, const proto::Regist
     return reply;
   }
 
-  RankState st;
-  st.rank = r.rank();
-  st.world_size = r.world_size();
-  st.bytes_per_version = bytes;
-  bool reattached_all = true;
-  for (int i = 0; i < 2; ++i) {
-    Slot& s = st.slots[i];
-    s.shm_name = SlotShmName(options_.run, r.rank(), i);
-    const int shm = ::shm_open(s.shm_name.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    Status err;
-    if (shm < 0) err = ErrnoStatus(fmt::format("shm_open {}", s.shm_name), errno);
-    struct stat sb {};
-    bool reattached = false;
-    if (err.ok() && ::fstat(shm, &sb) != 0) err = ErrnoStatus("fstat shm", errno);
-    if (err.ok()) {
-      reattached = static_cast<size_t>(sb.st_size) == slot_bytes;
-      if (!reattached) {
-        // Fresh, or left by a job of another size: start from zeros. posix_fallocate reserves
-        // the pages now so a full /dev/shm is an error here rather than SIGBUS in a trainer.
-        if (::ftruncate(shm, 0) != 0 || ::ftruncate(shm, static_cast<off_t>(slot_bytes)) != 0) {
-          err = ErrnoStatus(fmt::format("ftruncate {}", s.shm_name), errno);
-        } else if (const int e = ::posix_fallocate(shm, 0, static_cast<off_t>(slot_bytes));
-                   e != 0) {
-          err = e == ENOSPC ? Status::ResourceExhausted(fmt::format(
-                                  "shared memory full: cannot reserve {} bytes for {}",
-                                  slot_bytes, s.shm_name))
-                            : ErrnoStatus(fmt::format("posix_fallocate {}", s.shm_name), e);
-        }
-      }
-    }
-    if (err.ok()) {
-      void* p = ::mmap(nullptr, slot_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, shm, 0);
-      if (p == MAP_FAILED) {
-        err = ErrnoStatus(fmt::format("mmap {}", s.shm_name), errno);
-      } else {
-        s.base = static_cast<uint8_t*>(p);
-      }
-    }
-    if (shm >= 0) ::close(shm);
-    if (!err.ok()) {
-      for (Slot& u : st.slots) {
-        if (u.base != nullptr) ::munmap(u.base, slot_bytes);
-        if (!u.shm_name.empty()) ::shm_unlink(u.shm_name.c_str());
-      }
-      return err;
-    }
-    reattached_all = reattached_all && reattached;
-    if (reattached) {
-      // What this slot held for a snapshotd that died: only committed versions matter (see
-      // RecoverFromSlots); anything else is treated as free.
-      auto m = ReadSlotManifest(s.base, bytes);
-      if (m.ok() && m->committed() && m->ranks_size() == 1 && m->ranks(0).rank() == r.rank()) {
-        s.version = m->version();
-        s.published = true;
-        s.sections.assign(m->ranks(0).sections().begin(), m->ranks(0).sections().end());
-      }
-    }
-  }
-  world_size_ = r.world_size();
+  bool reattached_all = false;
+  STRATA_ASSIGN_OR_RETURN(RankState * created,
+                          OpenRank(r.rank(), r.world_size(), bytes, &reattached_all));
+  RankState& st = *created;
   st.conn = fd;
   conn_rank_[fd] = r.rank();
   for (const Slot& s : st.slots) reply.add_shm_names(s.shm_name);
   reply.set_slot_bytes(slot_bytes);
   reply.set_reattached(reattached_all);
-  ranks_[r.rank()] = std::move(st);
   STRATA_LOG(INFO, CKPT, "snapshotd: rank {}/{} registered, {} bytes per version{}", r.rank(),
              r.world_size(), bytes, reattached_all ? " (existing shared memory)" : "");
   if (committed_version_ < 0 || recovered_) RecoverFromSlots();
@@ -538,6 +602,21 @@ StatusOr<proto::BeginVersionReply> Snapshotd::DoBegin(RankState& st,
                                                       const proto::BeginVersionRequest& r) {
   const int64_t v = r.version();
   if (v < 0) return Status::InvalidArgument(fmt::format("BeginVersion: version {} < 0", v));
+  if (ec_ && v <= committed_version_ && v > group_version_) {
+    // A restarted trainer redoes versions that committed here but never across the group
+    // (Latest() sent it back to the group-committed one): forget them locally and in the group.
+    STRATA_LOG(INFO, CKPT, "snapshotd: version {} redone; rolling back to group-committed {}", v,
+               group_version_);
+    ec_->Withdraw(group_version_);
+    committed_version_ = group_version_;
+    committed_ = group_manifest_;
+    for (auto& [rank, rs] : ranks_) {
+      rs.committed_slot = -1;
+      for (const auto& rk : group_manifest_.ranks()) {
+        if (rk.rank() == rank) rs.committed_slot = rk.slot();
+      }
+    }
+  }
   if (v <= committed_version_) {
     return Status::FailedPrecondition(fmt::format(
         "BeginVersion({}): version {} is already committed; versions must increase", v,
@@ -549,7 +628,8 @@ StatusOr<proto::BeginVersionReply> Snapshotd::DoBegin(RankState& st,
     if (i == st.committed_slot) continue;
     const Slot& s = st.slots[i];
     if (s.pins > 0) {
-      why = fmt::format("slot {} is being persisted to disk", i);
+      why = fmt::format("slot {} is pinned (being persisted to disk, or holding a version that "
+                        "erasure coding across nodes still protects)", i);
       continue;
     }
     if (s.published && s.version > committed_version_ && s.version < v) {
@@ -680,6 +760,7 @@ void Snapshotd::MaybeCommit(int64_t version, bool* committed, bool recovering) {
   ++commits_;
   STRATA_LOG(DEBUG, CKPT, "snapshotd run={}: version {} committed ({} local ranks)", options_.run,
              version, ranks_.size());
+  if (ec_) SubmitToEc();
   if (options_.persist_every > 0 && commits_ % options_.persist_every == 0) {
     PersistJob job;
     job.manifest = committed_;
@@ -697,8 +778,40 @@ void Snapshotd::MaybeCommit(int64_t version, bool* committed, bool recovering) {
   }
 }
 
-proto::LatestReply Snapshotd::DoLatest() {
+StatusOr<proto::LatestReply> Snapshotd::DoLatest() {
   proto::LatestReply reply;
+  Status ec_error;
+  if (ec_) {
+    ProcessEc();
+    if (group_version_ >= 0) {
+      reply.set_found(true);
+      reply.set_parity_protected(true);
+      *reply.mutable_manifest() = group_manifest_;
+      if (group_version_ == rebuilt_version_) {
+        reply.set_rebuilt(true);
+        reply.set_note(rebuilt_note_);
+      }
+      return reply;
+    }
+    if (committed_version_ < 0) {
+      auto rebuilt = ec_->Rebuild();
+      if (rebuilt.ok()) {
+        STRATA_RETURN_IF_ERROR(InstallRebuilt(*rebuilt));
+        reply.set_found(true);
+        reply.set_parity_protected(true);
+        reply.set_rebuilt(true);
+        reply.set_note(rebuilt_note_);
+        *reply.mutable_manifest() = group_manifest_;
+        return reply;
+      }
+      if (rebuilt.status().code() != StatusCode::kNotFound) ec_error = rebuilt.status();
+    } else {
+      reply.set_found(true);
+      reply.set_note("committed on this node only; not yet protected by parity across nodes");
+      *reply.mutable_manifest() = committed_;
+      return reply;
+    }
+  }
   if (committed_version_ >= 0) {
     reply.set_found(true);
     *reply.mutable_manifest() = committed_;
@@ -706,14 +819,121 @@ proto::LatestReply Snapshotd::DoLatest() {
   }
   if (!options_.persist_dir.empty()) {
     auto disk = LatestFromDisk();
-    if (disk.ok()) return std::move(*disk);
+    if (disk.ok()) {
+      if (!ec_error.ok()) disk->set_note(ec_error.message());
+      return std::move(*disk);
+    }
     if (disk.status().code() != StatusCode::kNotFound) {
       STRATA_LOG(WARN, CKPT, "snapshotd: reading {}: {}", options_.persist_dir,
                  disk.status().ToString());
     }
   }
+  if (!ec_error.ok()) return ec_error;
   reply.set_found(false);
   return reply;
+}
+
+void Snapshotd::SubmitToEc() {
+  EcLocal local;
+  local.manifest = committed_;
+  proto::EcNodeManifest em;
+  em.set_world_size(world_size_);
+  std::vector<EcSegment> segments;
+  // The node buffer: ranks ascending (ranks_ is ordered), each rank's whole slot data.
+  for (auto& [rank, st] : ranks_) {
+    Slot& s = st.slots[st.committed_slot];
+    ++s.pins;  // held until the EcPeer releases the version
+    local.pinned.push_back({rank, st.committed_slot});
+    segments.push_back({s.base, st.bytes_per_version});
+  }
+  *em.mutable_ranks() = committed_.ranks();
+  ec_local_[committed_version_] = std::move(local);
+  ec_->SubmitLocal(committed_version_, std::move(em), std::move(segments));
+}
+
+void Snapshotd::ProcessEc() {
+  for (int64_t v : ec_->TakeReleased()) {
+    auto it = ec_local_.find(v);
+    if (it == ec_local_.end()) continue;
+    for (const auto& [rank, slot] : it->second.pinned) {
+      auto r = ranks_.find(rank);
+      if (r != ranks_.end() && r->second.slots[slot].pins > 0) --r->second.slots[slot].pins;
+    }
+    ec_local_.erase(it);
+  }
+  const int64_t g = ec_->group_version();
+  if (g > group_version_) {
+    auto it = ec_local_.find(g);
+    if (it != ec_local_.end()) {
+      group_version_ = g;
+      group_manifest_ = it->second.manifest;
+      STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: version {} group-committed", options_.node, g);
+    }
+  }
+}
+
+Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
+  const proto::EcNodeManifest& m = rebuilt.manifest;
+  size_t off = 0;
+  std::vector<EcSegment> segments;
+  for (const proto::RankSnapshot& rk : m.ranks()) {
+    const size_t bytes = rk.bytes_per_version();
+    if (off + bytes > rebuilt.data.size()) {
+      return Status::Corruption("rebuilt node buffer is shorter than its manifest says");
+    }
+    RankState* st = nullptr;
+    auto it = ranks_.find(rk.rank());
+    if (it != ranks_.end()) {
+      st = &it->second;
+      if (st->bytes_per_version != bytes) {
+        return Status::FailedPrecondition(fmt::format(
+            "rank {} registered {} bytes per version; the rebuilt snapshot holds {}", rk.rank(),
+            st->bytes_per_version, bytes));
+      }
+    } else {
+      bool reattached = false;
+      STRATA_ASSIGN_OR_RETURN(st, OpenRank(rk.rank(), m.world_size(), bytes, &reattached));
+    }
+    const int i = st->committed_slot == 0 ? 1 : 0;
+    Slot& s = st->slots[i];
+    if (s.pins > 0) return Status::Unavailable("slot busy; retry");
+    std::memcpy(s.base, rebuilt.data.data() + off, bytes);
+    s.version = rebuilt.version;
+    s.published = true;
+    s.sections.assign(rk.sections().begin(), rk.sections().end());
+    segments.push_back({s.base, bytes});
+    off += bytes;
+  }
+  world_size_ = m.world_size();
+  committed_version_ = -1;
+  for (auto& [rank, st] : ranks_) st.committed_slot = -1;
+  bool committed = false;
+  MaybeCommit(rebuilt.version, &committed, /*recovering=*/true);
+  if (!committed) {
+    return Status::FailedPrecondition(fmt::format(
+        "rebuilt version {} does not cover every rank registered on this node", rebuilt.version));
+  }
+  recovered_ = false;
+  EcLocal local;
+  local.manifest = committed_;
+  for (auto& [rank, st] : ranks_) {
+    ++st.slots[st.committed_slot].pins;
+    local.pinned.push_back({rank, st.committed_slot});
+  }
+  ec_local_[rebuilt.version] = std::move(local);
+  ec_->AdoptRebuilt(rebuilt, std::move(segments));
+  group_version_ = rebuilt.version;
+  group_manifest_ = committed_;
+  rebuilt_version_ = rebuilt.version;
+  std::string missing, repaired;
+  for (int n : rebuilt.missing) missing += fmt::format("{}{}", missing.empty() ? "" : ",", n);
+  for (int n : rebuilt.repaired) repaired += fmt::format("{}{}", repaired.empty() ? "" : ",", n);
+  rebuilt_note_ = fmt::format(
+      "version {} of node {} was rebuilt by erasure decoding (k={} m={}, lost nodes {}) in "
+      "{:.3f} s{}", rebuilt.version, options_.node, options_.ec_k, options_.ec_m, missing,
+      rebuilt.seconds, repaired.empty() ? "" : "; repaired corrupted parity of nodes " + repaired);
+  STRATA_LOG(INFO, CKPT, "snapshotd: {}", rebuilt_note_);
+  return Status::OK();
 }
 
 StatusOr<proto::LatestReply> Snapshotd::LatestFromDisk() const {
@@ -897,6 +1117,16 @@ Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strat
     args.insert(args.end(), {"--persist-dir", options.persist_dir, "--persist-every",
                              std::to_string(options.persist_every), "--persist-keep",
                              std::to_string(options.persist_keep)});
+  }
+  if (options.peers.size() > 1) {
+    std::string peers;
+    for (const std::string& p : options.peers) peers += (peers.empty() ? "" : ",") + p;
+    args.insert(args.end(), {"--peers", peers, "--node", std::to_string(options.node)});
+    if (options.ec_k > 0) {
+      args.insert(args.end(), {"--ec", fmt::format("{},{}", options.ec_k, options.ec_m)});
+    }
+    if (!options.listen.empty()) args.insert(args.end(), {"--listen", options.listen});
+    if (!options.shm_tag.empty()) args.insert(args.end(), {"--shm-tag", options.shm_tag});
   }
   args.insert(args.end(), {"--idle-timeout", fmt::format("{}", options.idle_timeout_s),
                            "--expected-local-ranks",

@@ -39,6 +39,9 @@
 
 namespace strata::checkpoint {
 
+class EcPeer;
+struct EcRebuilt;
+
 struct SnapshotdOptions {
   std::string run;          // job name; names the socket, the shm objects and the disk folder
   std::string socket_path;  // empty: DefaultSocketPath(run) = /tmp/strata-snapshotd-<run>.sock
@@ -48,6 +51,17 @@ struct SnapshotdOptions {
   double idle_timeout_s = 600;   // exit after this long with no client connected; <= 0: never
   int expected_local_ranks = 0;  // 0: a version commits once every rank registered so far
                                  // published it; N: once N ranks did
+
+  // Erasure coding across nodes (checkpoint/snapshot_ec.h). With fewer than two peers the
+  // snapshotd is node-local only (no TCP) and everything below is ignored.
+  std::vector<std::string> peers;  // host:port of every node's snapshotd, in node order
+  int node = 0;                    // this node's index in peers
+  int ec_k = 0;                    // data nodes per group; 0 (with ec_m 0): DefaultEcGroup
+  int ec_m = 0;                    // parity nodes per group (nodes it may lose)
+  std::string listen;              // TCP host:port to bind; empty: peers[node]
+  std::string shm_tag;             // appended to the run in shm names ("<run>.<tag>"): lets
+                                   // several nodes' snapshotds share one machine (tests)
+  int ec_threads = 2;              // ISA-L encode/decode threads
 };
 
 // Resolves the default socket path.
@@ -70,6 +84,8 @@ class Snapshotd {
   void Stop();
 
   const SnapshotdOptions& options() const { return options_; }
+  // The run name used in this server's shm object names: run, or "<run>.<shm_tag>".
+  const std::string& shm_run() const { return shm_run_; }
 
  private:
   explicit Snapshotd(SnapshotdOptions options);
@@ -103,7 +119,14 @@ class Snapshotd {
   StatusOr<proto::RegisterReply> DoRegister(int fd, const proto::RegisterRequest& r);
   StatusOr<proto::BeginVersionReply> DoBegin(RankState& st, const proto::BeginVersionRequest& r);
   StatusOr<proto::PublishReply> DoPublish(RankState& st, const proto::PublishRequest& r);
-  proto::LatestReply DoLatest();
+  StatusOr<proto::LatestReply> DoLatest();
+  // Creates (or reattaches) `rank`'s two slots and adds it to ranks_ with no connection.
+  StatusOr<RankState*> OpenRank(int rank, int world, size_t bytes, bool* reattached);
+  // Erasure coding: hands the just committed version to the EcPeer (pinning its slots), takes
+  // group commits and released versions back, and installs a version rebuilt from peers.
+  void SubmitToEc();
+  void ProcessEc();
+  Status InstallRebuilt(const EcRebuilt& rebuilt);
   // Commits `version` when every local rank published it. `recovering`: adopting a version
   // found in surviving slots (not counted for persistence).
   void MaybeCommit(int64_t version, bool* committed, bool recovering = false);
@@ -117,6 +140,7 @@ class Snapshotd {
 
   SnapshotdOptions options_;
   std::string socket_path_;
+  std::string shm_run_;
   int listen_fd_ = -1;
   int lock_fd_ = -1;
   int wake_pipe_[2] = {-1, -1};
@@ -129,6 +153,18 @@ class Snapshotd {
   proto::SnapshotManifest committed_;
   int64_t commits_ = 0;
   bool recovered_ = false;  // committed_ came from slot manifest rooms, not from a commit here
+
+  // Erasure coding across nodes (null when node-local only).
+  std::unique_ptr<EcPeer> ec_;
+  struct EcLocal {
+    proto::SnapshotManifest manifest;
+    std::vector<std::pair<int, int>> pinned;  // (rank, slot)
+  };
+  std::map<int64_t, EcLocal> ec_local_;  // versions handed to ec_ and not released yet
+  int64_t group_version_ = -1;
+  proto::SnapshotManifest group_manifest_;
+  int64_t rebuilt_version_ = -1;
+  std::string rebuilt_note_;
 
   // Background persistence: the loop thread queues jobs, the persister writes them and hands
   // the pins back through done_ (the loop releases them, so slot state has one owner).

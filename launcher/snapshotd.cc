@@ -3,7 +3,10 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <algorithm>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -25,6 +28,8 @@ void OnSignal(int) {
 void AddSnapshotdCommand(CLI::App& root, std::vector<Command>& commands) {
   struct Args {
     checkpoint::SnapshotdOptions options;
+    std::vector<std::string> peers;
+    std::string ec;
     bool json = false;
   };
   auto args = std::make_shared<Args>();
@@ -67,8 +72,47 @@ void AddSnapshotdCommand(CLI::App& root, std::vector<Command>& commands) {
                   "rank registered so far)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app->add_option("--peers", args->peers,
+                  "Erasure coding across nodes: host:port of every node's snapshotd, in node "
+                  "order, comma-separated (every node gets the same list). Nodes form groups of "
+                  "k + m consecutive nodes; each keeps its own snapshot in place and holds parity "
+                  "worth m/k of it; any m lost nodes of a group are rebuilt from the others. "
+                  "Omitted or one entry: node-local snapshots only");
+  app->add_option("--node", args->options.node, "This node's index in --peers")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  app->add_option("--ec", args->ec,
+                  "k,m: data and parity nodes per erasure-coding group (default from the node "
+                  "count: 2 -> 1,1; 3 -> 2,1; 4..8 -> n-2,2; more: groups of 4..8 with m=2)");
+  app->add_option("--listen", args->options.listen,
+                  "TCP host:port to serve peers on (default: this node's --peers entry)");
+  app->add_option("--shm-tag", args->options.shm_tag,
+                  "Added to the shared-memory names (<run>.<tag>) so several nodes' snapshotds "
+                  "can share one machine (tests, single-host trials)");
+  app->add_option("--ec-threads", args->options.ec_threads, "Erasure-coding threads")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app->add_flag("--json", args->json, "Print a one-line JSON summary on exit");
   commands.push_back({app, [args]() -> int {
+    for (const std::string& p : args->peers) {
+      size_t start = 0;
+      while (start <= p.size()) {
+        const size_t comma = std::min(p.find(',', start), p.size());
+        if (comma > start) args->options.peers.push_back(p.substr(start, comma - start));
+        start = comma + 1;
+      }
+    }
+    if (!args->ec.empty()) {
+      int k = 0, m = 0;
+      char extra = 0;
+      if (std::sscanf(args->ec.c_str(), "%d,%d%c", &k, &m, &extra) != 2) {
+        std::fprintf(stderr, "strata snapshotd: --ec wants k,m (e.g. 2,1), got '%s'\n",
+                     args->ec.c_str());
+        return 2;
+      }
+      args->options.ec_k = k;
+      args->options.ec_m = m;
+    }
     auto server = checkpoint::Snapshotd::Create(args->options);
     if (!server.ok()) {
       std::fprintf(stderr, "strata snapshotd: %s\n", server.status().ToString().c_str());

@@ -4,3 +4,6 @@ strata_add_test(checkpoint_test SOURCES checkpoint_test.cc DEPS strata_checkpoin
 strata_add_test(snapshot_test SOURCES snapshot_test.cc DEPS strata_checkpoint LABELS checkpoint)
 # The EnsureSnapshotd race test starts the real `strata snapshotd` (skipped when not built).
 target_compile_definitions(snapshot_test PRIVATE STRATA_BINARY="$<TARGET_FILE:strata>")
+# Snapshots (#5): erasure coding across nodes (several snapshotds over TCP on 127.0.0.1).
+strata_add_test(snapshot_ec_test SOURCES snapshot_ec_test.cc DEPS strata_checkpoint
+                LABELS checkpoint)

@@ -1,0 +1,1096 @@
+#include "checkpoint/snapshot_ec.h"
+
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <random>
+
+#include <fmt/format.h>
+
+#include "base/clock.h"
+#include "base/logging.h"
+#include "checkpoint/snapshot_wire.h"
+
+namespace strata::checkpoint {
+namespace {
+
+constexpr size_t kBulkChunk = 4 << 20;  // raw bytes move in pieces of this size
+
+int Mod(int a, int n) { return ((a % n) + n) % n; }
+
+StatusOr<std::pair<std::string, std::string>> SplitHostPort(const std::string& hp) {
+  const size_t colon = hp.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == hp.size()) {
+    return Status::InvalidArgument(fmt::format("snapshotd peer '{}' is not host:port", hp));
+  }
+  return std::make_pair(hp.substr(0, colon), hp.substr(colon + 1));
+}
+
+StatusOr<addrinfo*> Resolve(const std::string& hp, bool passive) {
+  STRATA_ASSIGN_OR_RETURN(auto parts, SplitHostPort(hp));
+  addrinfo hints{};
+  hints.ai_family = AF_INET;
+  hints.ai_socktype = SOCK_STREAM;
+  if (passive) hints.ai_flags = AI_PASSIVE;
+  addrinfo* res = nullptr;
+  const int r = ::getaddrinfo(parts.first.c_str(), parts.second.c_str(), &hints, &res);
+  if (r != 0 || res == nullptr) {
+    return Status::InvalidArgument(
+        fmt::format("snapshotd peer '{}': cannot resolve: {}", hp, ::gai_strerror(r)));
+  }
+  return res;
+}
+
+uint32_t SegmentsCrc(const std::vector<EcSegment>& segs) {
+  uint32_t crc = 0;
+  for (const EcSegment& s : segs) crc = FragmentChecksumExtend(crc, s.data, s.bytes);
+  return crc;
+}
+
+// Calls fn(ptr, len) for the bytes [offset, offset + len) of the concatenated segments.
+template <typename Fn>
+Status ForRange(const std::vector<EcSegment>& segs, size_t offset, size_t len, Fn&& fn) {
+  size_t base = 0;
+  for (const EcSegment& s : segs) {
+    if (len == 0) break;
+    if (offset < base + s.bytes) {
+      const size_t from = offset - base;
+      const size_t take = std::min(len, s.bytes - from);
+      STRATA_RETURN_IF_ERROR(fn(s.data + from, take));
+      offset += take;
+      len -= take;
+    }
+    base += s.bytes;
+  }
+  return Status::OK();
+}
+
+Status SendBulk(int fd, const std::vector<EcSegment>& segs, size_t offset, size_t len,
+                int timeout_ms) {
+  return ForRange(segs, offset, len, [&](const uint8_t* p, size_t n) -> Status {
+    for (size_t o = 0; o < n; o += kBulkChunk) {
+      STRATA_RETURN_IF_ERROR(WriteBytes(fd, p + o, std::min(kBulkChunk, n - o), timeout_ms));
+    }
+    return Status::OK();
+  });
+}
+
+Status ReadBulk(int fd, uint8_t* dst, size_t len, int timeout_ms) {
+  for (size_t o = 0; o < len; o += kBulkChunk) {
+    STRATA_RETURN_IF_ERROR(ReadBytes(fd, dst + o, std::min(kBulkChunk, len - o), timeout_ms));
+  }
+  return Status::OK();
+}
+
+proto::EcPeerReply ErrorReply(const Status& st) {
+  proto::EcPeerReply r;
+  r.set_code(static_cast<int>(st.code()));
+  r.set_message(st.message());
+  return r;
+}
+
+Status ReplyStatus(const proto::EcPeerReply& r) {
+  if (r.code() == 0) return Status::OK();
+  return Status(static_cast<StatusCode>(r.code()), r.message());
+}
+
+}  // namespace
+
+std::pair<int, int> DefaultEcGroup(int nodes) {
+  if (nodes <= 1) return {0, 0};
+  if (nodes == 2) return {1, 1};
+  if (nodes == 3) return {2, 1};
+  if (nodes <= 8) return {nodes - 2, 2};
+  for (int g = 8; g >= 4; --g) {
+    if (nodes % g == 0) return {g - 2, 2};
+  }
+  return {nodes - 2, 2};
+}
+
+std::string EcParityShmName(const std::string& shm_run, int node, int64_t version) {
+  return fmt::format("/strata-ec-{}-n{}-v{}", SanitizeRunName(shm_run), node, version);
+}
+
+struct EcPeer::Version {
+  int64_t version = -1;
+  // This node's own data.
+  bool local = false;
+  bool local_ready = false;  // CRC computed, announced to self
+  uint64_t nonce = 0;
+  std::vector<EcSegment> segments;
+  // Every node's announce, by group index.
+  std::vector<std::optional<proto::EcNodeManifest>> manifests;
+  size_t B = 0, P = 0;  // known once every node announced
+  bool layout_known = false;
+  // Pieces of the stripes whose parity this node holds: [p][d].
+  struct Piece {
+    std::vector<uint8_t> buf;  // P bytes, zero padded
+    uint64_t nonce = 0;
+    bool valid = false;
+  };
+  std::vector<std::vector<Piece>> pieces;
+  std::vector<bool> stripe_done;
+  std::string parity_name;
+  uint8_t* parity = nullptr;
+  size_t parity_len = 0;
+  bool parity_complete = false;
+  uint32_t parity_crc = 0;
+  bool done_sent = false;
+  std::vector<std::optional<proto::EcParityDone>> done;
+  bool group_committed = false;
+  int readers = 0;       // threads using segments / parity outside mu_
+  bool dropped = false;  // out of versions_; retire once readers == 0
+  bool retired = false;
+};
+
+EcPeer::EcPeer(EcOptions options, std::function<void()> wake)
+    : options_(std::move(options)), wake_(std::move(wake)) {}
+
+StatusOr<std::unique_ptr<EcPeer>> EcPeer::Create(EcOptions options, std::function<void()> wake) {
+  const int nodes = static_cast<int>(options.peers.size());
+  const int n = options.k + options.m;
+  if (options.k < 1 || options.m < 1 || n > ReedSolomon::kMaxFragments) {
+    return Status::InvalidArgument(
+        fmt::format("snapshotd: erasure group k={} m={} needs k >= 1, m >= 1", options.k,
+                    options.m));
+  }
+  if (nodes % n != 0) {
+    return Status::InvalidArgument(fmt::format(
+        "snapshotd: {} nodes do not split into groups of k + m = {}", nodes, n));
+  }
+  if (options.node < 0 || options.node >= nodes) {
+    return Status::InvalidArgument(
+        fmt::format("snapshotd: node index {} outside the {} peers", options.node, nodes));
+  }
+  for (const std::string& p : options.peers) {
+    auto hp = SplitHostPort(p);
+    if (!hp.ok()) return hp.status();
+  }
+  std::unique_ptr<EcPeer> e(new EcPeer(std::move(options), std::move(wake)));
+  e->n_ = n;
+  e->group_base_ = e->options_.node / n * n;
+  e->li_ = e->options_.node - e->group_base_;
+  STRATA_ASSIGN_OR_RETURN(ReedSolomon rs, ReedSolomon::Create(e->options_.k, e->options_.m));
+  e->rs_.emplace(std::move(rs));
+  e->pool_ = std::make_unique<ThreadPool>(std::max(1, e->options_.threads));
+  return e;
+}
+
+EcPeer::~EcPeer() { Shutdown(); }
+
+Status EcPeer::Start() {
+  const std::string addr = options_.listen.empty() ? options_.peers[options_.node]
+                                                   : options_.listen;
+  STRATA_ASSIGN_OR_RETURN(addrinfo * ai, Resolve(addr, true));
+  listen_fd_ = ::socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (listen_fd_ < 0) {
+    ::freeaddrinfo(ai);
+    return ErrnoStatus("snapshotd: tcp socket", errno);
+  }
+  const int one = 1;
+  ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  const int b = ::bind(listen_fd_, ai->ai_addr, ai->ai_addrlen);
+  const int err = errno;
+  ::freeaddrinfo(ai);
+  if (b != 0) return ErrnoStatus(fmt::format("snapshotd: bind {}", addr), err);
+  if (::listen(listen_fd_, 128) != 0) return ErrnoStatus("snapshotd: tcp listen", errno);
+  if (::pipe2(stop_pipe_, O_CLOEXEC | O_NONBLOCK) != 0) return ErrnoStatus("pipe2", errno);
+  acceptor_ = std::thread([this] { AcceptLoop(); });
+  STRATA_LOG(INFO, CKPT, "snapshotd node {}: erasure group {}..{} (k={} m={}), peers on {}",
+             options_.node, group_base_, group_base_ + n_ - 1, options_.k, options_.m, addr);
+  return Status::OK();
+}
+
+void EcPeer::Shutdown() {
+  stop_.store(true);
+  if (stop_pipe_[1] >= 0) {
+    const char c = 's';
+    [[maybe_unused]] ssize_t r = ::write(stop_pipe_[1], &c, 1);
+  }
+  if (acceptor_.joinable()) acceptor_.join();
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (int fd : conn_fds_) ::shutdown(fd, SHUT_RDWR);
+    cv_.notify_all();
+    // Handlers and senders are detached; wait for every one to leave.
+    cv_.wait(lock, [&] { return active_ == 0; });
+    for (auto& [ver, v] : versions_) {
+      if (v->parity != nullptr) ::munmap(v->parity, v->parity_len);
+      v->parity = nullptr;
+      if (!v->parity_name.empty()) ::shm_unlink(v->parity_name.c_str());
+    }
+    versions_.clear();
+  }
+  if (listen_fd_ >= 0) ::close(listen_fd_);
+  listen_fd_ = -1;
+  for (int& fd : stop_pipe_) {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+  }
+}
+
+void EcPeer::Spawn(std::function<void()> fn) {
+  ++active_;  // mu_ held by the caller
+  std::thread([this, fn = std::move(fn)] {
+    fn();
+    std::lock_guard<std::mutex> lock(mu_);
+    --active_;
+    cv_.notify_all();
+  }).detach();
+}
+
+void EcPeer::AcceptLoop() {
+  for (;;) {
+    pollfd p[2] = {{stop_pipe_[0], POLLIN, 0}, {listen_fd_, POLLIN, 0}};
+    const int r = ::poll(p, 2, -1);
+    if (stop_.load()) return;
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      STRATA_LOG(ERROR, CKPT, "snapshotd: tcp poll: {}", std::strerror(errno));
+      return;
+    }
+    if (!(p[1].revents & POLLIN)) continue;
+    const int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) continue;
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_.load()) {
+        ::close(fd);
+        return;
+      }
+      conn_fds_.push_back(fd);
+      Spawn([this, fd] {
+        ServeConnection(fd);
+        std::lock_guard<std::mutex> l(mu_);
+        std::erase(conn_fds_, fd);
+        ::close(fd);
+      });
+    }
+  }
+}
+
+std::shared_ptr<EcPeer::Version> EcPeer::GetOrMake(int64_t version) {
+  auto it = versions_.find(version);
+  if (it != versions_.end()) return it->second;
+  auto v = std::make_shared<Version>();
+  v->version = version;
+  v->manifests.resize(n_);
+  v->done.resize(n_);
+  v->stripe_done.assign(options_.m, false);
+  v->pieces.resize(options_.m);
+  for (auto& row : v->pieces) row.resize(options_.k);
+  versions_[version] = v;
+  // Bound the memory of versions that never complete (a peer that died mid-way): keep the
+  // group-committed one and the three newest others.
+  int others = 0;
+  for (auto r = versions_.rbegin(); r != versions_.rend(); ++r) {
+    if (r->first != group_version_ && ++others > 3) {
+      DropVersion(r->first);
+      break;
+    }
+  }
+  return v;
+}
+
+void EcPeer::Retire(Version& v) {
+  if (v.retired || !v.dropped || v.readers > 0) return;
+  v.retired = true;
+  if (v.parity != nullptr) ::munmap(v.parity, v.parity_len);
+  v.parity = nullptr;
+  if (!v.parity_name.empty()) ::shm_unlink(v.parity_name.c_str());
+  Recycle(v);
+  if (v.local) {
+    released_.push_back(v.version);
+    if (wake_) wake_();
+  }
+}
+
+void EcPeer::Recycle(Version& v) {
+  for (auto& row : v.pieces) {
+    for (auto& pc : row) {
+      if (pc.buf.capacity() > 0 && spare_.size() < 4 * static_cast<size_t>(options_.k * options_.m)) {
+        spare_.push_back(std::move(pc.buf));
+      }
+    }
+  }
+  v.pieces.clear();
+}
+
+void EcPeer::DropVersion(int64_t version) {
+  auto it = versions_.find(version);
+  if (it == versions_.end()) return;
+  std::shared_ptr<Version> v = it->second;
+  versions_.erase(it);
+  v->dropped = true;
+  Retire(*v);
+  cv_.notify_all();
+}
+
+Status EcPeer::EnsureParityShm(Version& v) {
+  if (v.parity != nullptr || v.parity_len == 0) return Status::OK();
+  v.parity_name = EcParityShmName(options_.shm_run, options_.node, v.version);
+  const int fd = ::shm_open(v.parity_name.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoStatus(fmt::format("shm_open {}", v.parity_name), errno);
+  Status st;
+  if (const int e = ::posix_fallocate(fd, 0, static_cast<off_t>(v.parity_len)); e != 0) {
+    st = ErrnoStatus(fmt::format("posix_fallocate {}", v.parity_name), e);
+  } else {
+    void* p = ::mmap(nullptr, v.parity_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) {
+      st = ErrnoStatus(fmt::format("mmap {}", v.parity_name), errno);
+    } else {
+      v.parity = static_cast<uint8_t*>(p);
+    }
+  }
+  ::close(fd);
+  if (!st.ok()) ::shm_unlink(v.parity_name.c_str());
+  return st;
+}
+
+void EcPeer::SubmitLocal(int64_t version, proto::EcNodeManifest manifest,
+                         std::vector<EcSegment> segments) {
+  std::random_device rd;
+  const uint64_t nonce = (static_cast<uint64_t>(rd()) << 32 | rd()) | 1;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_.load()) return;
+    if (version <= group_version_) {
+      released_.push_back(version);  // nothing to protect: an older version than the group's
+      if (wake_) wake_();
+      return;
+    }
+    DetachLocal(version);  // a redone version: the old attempt's own data is void
+    std::shared_ptr<Version> v = GetOrMake(version);
+    v->local = true;
+    v->nonce = nonce;
+    v->segments = std::move(segments);
+    v->manifests[li_].reset();
+    size_t total = 0;
+    for (const EcSegment& s : v->segments) total += s.bytes;
+    manifest.set_node(options_.node);
+    manifest.set_version(version);
+    manifest.set_nonce(nonce);
+    manifest.set_node_bytes(total);
+    ++v->readers;
+    // The CRC and the announce happen on the sender thread: a 1 GiB CRC must not stall the
+    // snapshotd loop that the local ranks talk to.
+    Spawn([this, v, manifest]() mutable {
+      manifest.set_node_crc32c(SegmentsCrc(v->segments));
+      SendLoop(v, std::move(manifest));
+    });
+  }
+}
+
+void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest) {
+  auto finish = [&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    --v->readers;
+    Retire(*v);
+  };
+  // 1. Announce to self and to every other node of the group.
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (v->dropped || v->nonce != manifest.nonce()) {
+      lock.unlock();
+      return finish();
+    }
+    InstallAnnounce(*v, li_, manifest);
+    v->local_ready = true;
+    Progress(lock, v);
+  }
+  proto::EcPeerRequest ann;
+  *ann.mutable_announce()->mutable_manifest() = manifest;
+  const int64_t deadline = NowNs() + static_cast<int64_t>(options_.io_timeout_ms) * 1000000;
+  for (int j = 0; j < n_; ++j) {
+    if (j == li_) continue;
+    for (;;) {
+      proto::EcPeerReply reply;
+      Status st = SendToPeer(j, ann, nullptr, 0, 0, &reply);
+      if (st.ok()) st = ReplyStatus(reply);
+      if (st.ok()) break;
+      if (stop_.load() || NowNs() > deadline) {
+        STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {} not announced to node {}: {}",
+                   options_.node, v->version, GroupNode(j), st.ToString());
+        break;
+      }
+      ::usleep(50000);
+    }
+  }
+  // 2. Wait until every node announced: then B and P are known.
+  std::vector<EcSegment> segs;
+  size_t P = 0, own = 0;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    const bool ready = cv_.wait_until(
+        lock, std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io_timeout_ms),
+        [&] { return stop_.load() || v->dropped || v->layout_known; });
+    if (!ready || stop_.load() || v->dropped || v->nonce != manifest.nonce()) {
+      if (!ready) {
+        STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {}: not every node of the group "
+                               "announced it; it stays unprotected", options_.node, v->version);
+      }
+      lock.unlock();
+      return finish();
+    }
+    segs = v->segments;
+    P = v->P;
+    own = manifest.node_bytes();
+  }
+  // 3. Each piece j of this node to the m parity nodes of its stripe, one thread per target.
+  std::map<int, std::vector<std::pair<int, int>>> by_target;  // target -> (stripe, d)
+  for (int j = 0; j < options_.k; ++j) {
+    const int s = Mod(li_ - options_.m - j, n_);
+    for (int p = 0; p < options_.m; ++p) by_target[Mod(s + p, n_)].push_back({s, j});
+  }
+  std::vector<std::thread> senders;
+  for (auto& [target, list] : by_target) {
+    senders.emplace_back([&, target = target, list = list] {
+      for (const auto& [s, d] : list) {
+        const size_t off = static_cast<size_t>(d) * P;
+        const size_t len = off >= own ? 0 : std::min(P, own - off);
+        proto::EcPeerRequest req;
+        proto::EcPiece* pc = req.mutable_piece();
+        pc->set_version(v->version);
+        pc->set_nonce(manifest.nonce());
+        pc->set_from(li_);
+        pc->set_stripe(s);
+        pc->set_d(d);
+        pc->set_length(len);
+        proto::EcPeerReply reply;
+        Status st = SendToPeer(target, req, segs.data(), segs.size(), off, &reply, len);
+        if (st.ok()) st = ReplyStatus(reply);
+        if (!st.ok()) {
+          STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {} piece {} to node {}: {}",
+                     options_.node, v->version, d, GroupNode(target), st.ToString());
+          return;
+        }
+      }
+    });
+  }
+  for (std::thread& t : senders) t.join();
+  finish();
+}
+
+void EcPeer::InstallAnnounce(Version& v, int from, const proto::EcNodeManifest& m) {
+  if (v.manifests[from] && v.manifests[from]->nonce() != m.nonce()) {
+    // The node redid this version: the parity built from its old data is void (the stripes it
+    // is a data node of), and so is every parity-done that counted its old data.
+    for (int p = 0; p < options_.m && p < static_cast<int>(v.pieces.size()); ++p) {
+      const int s = Mod(li_ - p, n_);
+      const int d = Mod(from - s - options_.m, n_);
+      if (d < options_.k) {
+        v.pieces[p][d].valid = false;
+        v.stripe_done[p] = false;
+        v.parity_complete = false;
+      }
+    }
+    // A parity-done that already saw the new attempt (messages from different nodes race)
+    // stays.
+    for (auto& dn : v.done) {
+      if (dn && (dn->nonces_size() <= from || dn->nonces(from) != m.nonce())) dn.reset();
+    }
+    if (!v.done[li_]) v.done_sent = false;
+  }
+  v.manifests[from] = m;
+  size_t B = 0;
+  for (const auto& mf : v.manifests) {
+    if (!mf) return;
+    B = std::max<size_t>(B, mf->node_bytes());
+  }
+  const size_t P = (B + options_.k - 1) / options_.k;
+  if (!v.layout_known || v.B != B) {
+    if (v.layout_known) {
+      // A node redid the version with another size: every fragment length changed.
+      for (auto& row : v.pieces) {
+        for (auto& pc : row) pc = Version::Piece{};
+      }
+      for (auto& dn : v.done) dn.reset();
+      v.done_sent = false;
+    }
+    v.stripe_done.assign(options_.m, false);
+    v.parity_complete = false;
+    if (v.parity != nullptr) ::munmap(v.parity, v.parity_len);
+    v.parity = nullptr;
+    v.B = B;
+    v.P = P;
+    v.parity_len = static_cast<size_t>(options_.m) * P;
+    v.layout_known = true;
+  }
+  cv_.notify_all();
+}
+
+void EcPeer::Progress(std::unique_lock<std::mutex>& lock, const std::shared_ptr<Version>& v) {
+  (void)lock;
+  if (v->dropped || !v->layout_known) return;
+  if (v->parity == nullptr && v->parity_len > 0) {
+    Status st = EnsureParityShm(*v);
+    if (!st.ok()) {
+      STRATA_LOG(ERROR, CKPT, "snapshotd node {}: parity of version {}: {}", options_.node,
+                 v->version, st.ToString());
+      return;
+    }
+  }
+  bool all_done = true;
+  for (int p = 0; p < options_.m; ++p) {
+    if (v->stripe_done[p]) continue;
+    const int s = Mod(li_ - p, n_);
+    std::vector<const uint8_t*> data(options_.k);
+    bool ready = true;
+    for (int d = 0; d < options_.k; ++d) {
+      const auto& pc = v->pieces[p][d];
+      const int from = Mod(s + options_.m + d, n_);
+      ready = ready && pc.valid && pc.nonce == v->manifests[from]->nonce() &&
+              pc.buf.size() <= v->P;
+      if (!ready) break;
+      v->pieces[p][d].buf.resize(v->P);  // zero padding up to P (pieces may precede P)
+      data[d] = v->pieces[p][d].buf.data();
+    }
+    if (!ready) {
+      all_done = false;
+      continue;
+    }
+    if (v->P > 0) {
+      std::lock_guard<std::mutex> pl(pool_mu_);
+      Status st = rs_->EncodeRow(p, data.data(), v->parity + static_cast<size_t>(p) * v->P,
+                                 v->P, pool_.get());
+      if (!st.ok()) {
+        STRATA_LOG(ERROR, CKPT, "snapshotd: encode: {}", st.ToString());
+        return;
+      }
+    }
+    v->stripe_done[p] = true;  // pieces are kept until group commit: a redone piece re-encodes
+  }
+  if (!all_done) return;
+  if (!v->parity_complete) {
+    v->parity_crc = FragmentChecksum(v->parity, v->parity_len);
+    v->parity_complete = true;
+  }
+  if (!v->local_ready || v->done_sent) return;
+  v->done_sent = true;
+  proto::EcParityDone done;
+  done.set_version(v->version);
+  done.set_from(li_);
+  for (const auto& mf : v->manifests) done.add_nonces(mf->nonce());
+  done.set_parity_crc32c(v->parity_crc);
+  v->done[li_] = done;
+  MaybeGroupCommit(v);
+  if (v->dropped) return;
+  ++v->readers;
+  Spawn([this, v, done] {
+    proto::EcPeerRequest req;
+    *req.mutable_parity_done() = done;
+    for (int j = 0; j < n_; ++j) {
+      if (j == li_) continue;
+      proto::EcPeerReply reply;
+      Status st = SendToPeer(j, req, nullptr, 0, 0, &reply);
+      if (st.ok()) st = ReplyStatus(reply);
+      if (!st.ok()) {
+        STRATA_LOG(WARN, CKPT, "snapshotd node {}: parity-done of version {} to node {}: {}",
+                   options_.node, v->version, GroupNode(j), st.ToString());
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    --v->readers;
+    Retire(*v);
+  });
+}
+
+void EcPeer::MaybeGroupCommit(const std::shared_ptr<Version>& v) {
+  if (v->group_committed || !v->local_ready || !v->parity_complete) return;
+  for (int j = 0; j < n_; ++j) {
+    if (!v->done[j] || !v->manifests[j]) return;
+    const auto& d = *v->done[j];
+    if (d.nonces_size() != n_) return;
+    for (int i = 0; i < n_; ++i) {
+      if (d.nonces(i) != v->manifests[i]->nonce()) return;  // built from another attempt's data
+    }
+  }
+  v->group_committed = true;
+  Recycle(*v);
+  if (v->version > group_version_) group_version_ = v->version;
+  std::vector<int64_t> older;
+  for (const auto& [ver, x] : versions_) {
+    if (ver < v->version) older.push_back(ver);
+  }
+  for (int64_t o : older) DropVersion(o);
+  STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: version {} group-committed", options_.node,
+             v->version);
+  if (wake_) wake_();
+}
+
+int64_t EcPeer::group_version() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return group_version_;
+}
+
+std::vector<int64_t> EcPeer::TakeReleased() {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int64_t> out;
+  out.swap(released_);
+  return out;
+}
+
+void EcPeer::Withdraw(int64_t keep) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int64_t> mine;
+  for (const auto& [ver, v] : versions_) {
+    if (ver > keep && !v->group_committed && v->local) mine.push_back(ver);
+  }
+  for (int64_t ver : mine) DetachLocal(ver);
+}
+
+void EcPeer::DetachLocal(int64_t version) {
+  auto it = versions_.find(version);
+  if (it == versions_.end() || !it->second->local) return;
+  // What the other nodes sent (announces, pieces, the parity built from them: this node's
+  // stripes never hold its own data) stays; only this node's own part goes. The old object
+  // keeps the segments until its readers are gone, then reports them released.
+  std::shared_ptr<Version> old = it->second;
+  auto fresh = std::make_shared<Version>();
+  fresh->version = version;
+  fresh->manifests = old->manifests;
+  fresh->manifests[li_].reset();
+  fresh->B = old->B;
+  fresh->P = old->P;
+  fresh->pieces = std::move(old->pieces);
+  fresh->stripe_done = old->stripe_done;
+  fresh->parity_name = std::move(old->parity_name);
+  fresh->parity = old->parity;
+  fresh->parity_len = old->parity_len;
+  fresh->parity_complete = old->parity_complete;
+  fresh->parity_crc = old->parity_crc;
+  fresh->done.resize(n_);
+  old->parity = nullptr;
+  old->parity_name.clear();
+  versions_[version] = fresh;
+  old->dropped = true;
+  Retire(*old);
+  cv_.notify_all();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Talking to peers
+
+StatusOr<int> EcPeer::ConnectPeer(int li) const {
+  const std::string& hp = options_.peers[GroupNode(li)];
+  STRATA_ASSIGN_OR_RETURN(addrinfo * ai, Resolve(hp, false));
+  const int fd = ::socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    ::freeaddrinfo(ai);
+    return ErrnoStatus("snapshotd: tcp socket", errno);
+  }
+  int r = ::connect(fd, ai->ai_addr, ai->ai_addrlen);
+  int err = errno;
+  ::freeaddrinfo(ai);
+  if (r != 0 && err == EINPROGRESS) {
+    pollfd p{fd, POLLOUT, 0};
+    r = ::poll(&p, 1, options_.connect_timeout_ms);
+    if (r == 1) {
+      socklen_t len = sizeof(err);
+      ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+      r = err == 0 ? 0 : -1;
+    } else {
+      err = r == 0 ? ETIMEDOUT : errno;
+      r = -1;
+    }
+  }
+  if (r != 0) {
+    ::close(fd);
+    return Status::Unavailable(fmt::format("snapshotd node {} ({}) unreachable: {}",
+                                           GroupNode(li), hp, std::strerror(err)));
+  }
+  const int one = 1;
+  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  return fd;
+}
+
+Status EcPeer::SendToPeer(int li, const proto::EcPeerRequest& req, const EcSegment* bulk,
+                          size_t nbulk, size_t bulk_offset, proto::EcPeerReply* reply,
+                          size_t bulk_bytes) {
+  STRATA_ASSIGN_OR_RETURN(int fd, ConnectPeer(li));
+  Status st = WriteFrame(fd, req, options_.io_timeout_ms);
+  if (st.ok() && bulk_bytes > 0) {
+    std::vector<EcSegment> segs(bulk, bulk + nbulk);
+    st = SendBulk(fd, segs, bulk_offset, bulk_bytes, options_.io_timeout_ms);
+  }
+  if (st.ok()) st = ReadFrame(fd, reply, options_.io_timeout_ms);
+  ::close(fd);
+  return st;
+}
+
+void EcPeer::ServeConnection(int fd) {
+  for (;;) {
+    proto::EcPeerRequest req;
+    Status st = ReadFrame(fd, &req, -1);
+    if (!st.ok() || stop_.load()) return;
+    proto::EcPeerReply reply;
+    const uint8_t* bulk = nullptr;
+    size_t bulk_len = 0;
+    std::shared_ptr<Version> reading;  // holds readers while bulk is sent
+    switch (req.body_case()) {
+      case proto::EcPeerRequest::kAnnounce: {
+        const auto& m = req.announce().manifest();
+        const int from = m.node() - group_base_;
+        if (from < 0 || from >= n_ || from == li_) {
+          reply = ErrorReply(Status::InvalidArgument("announce from outside the group"));
+          break;
+        }
+        std::unique_lock<std::mutex> lock(mu_);
+        if (m.version() <= group_version_) break;  // stale
+        auto v = GetOrMake(m.version());
+        InstallAnnounce(*v, from, m);
+        Progress(lock, v);
+        break;
+      }
+      case proto::EcPeerRequest::kPiece: {
+        Status s = HandlePiece(fd, req.piece());
+        if (!s.ok()) {
+          if (s.code() == StatusCode::kUnavailable || s.code() == StatusCode::kDeadlineExceeded) {
+            return;  // the bulk did not arrive: the stream is unusable
+          }
+          reply = ErrorReply(s);
+        }
+        break;
+      }
+      case proto::EcPeerRequest::kParityDone: {
+        const auto& d = req.parity_done();
+        if (d.from() < 0 || d.from() >= n_) break;
+        std::unique_lock<std::mutex> lock(mu_);
+        if (d.version() <= group_version_ && versions_.count(d.version()) == 0) break;
+        auto v = GetOrMake(d.version());
+        v->done[d.from()] = d;
+        MaybeGroupCommit(v);
+        break;
+      }
+      case proto::EcPeerRequest::kState: {
+        std::lock_guard<std::mutex> lock(mu_);
+        proto::EcStateReply* sr = reply.mutable_state();
+        sr->set_node(options_.node);
+        for (const auto& [ver, v] : versions_) {
+          proto::EcHeld* h = sr->add_held();
+          h->set_version(ver);
+          h->set_group_committed(v->group_committed);
+          h->set_data_present(v->local_ready);
+          h->set_parity_complete(v->parity_complete);
+          bool all = true;
+          for (const auto& mf : v->manifests) all = all && mf.has_value();
+          if (all) {
+            for (const auto& mf : v->manifests) *h->add_manifests() = *mf;
+          }
+          for (const auto& d : v->done) {
+            h->add_parity_crc32c(d ? d->parity_crc32c() : 0);
+            h->add_parity_reported(d.has_value());
+          }
+        }
+        break;
+      }
+      case proto::EcPeerRequest::kFetch: {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = versions_.find(req.fetch().version());
+        if (it == versions_.end() || !it->second->local_ready ||
+            (req.fetch().parity() && !it->second->parity_complete)) {
+          reply = ErrorReply(Status::NotFound(fmt::format(
+              "node {} does not hold version {}", options_.node, req.fetch().version())));
+          break;
+        }
+        reading = it->second;
+        ++reading->readers;
+        if (req.fetch().parity()) {
+          bulk = reading->parity;
+          bulk_len = reading->parity_len;
+          reply.set_crc32c(reading->parity_crc);
+        } else {
+          bulk_len = reading->manifests[li_]->node_bytes();
+          reply.set_crc32c(reading->manifests[li_]->node_crc32c());
+        }
+        reply.set_length(bulk_len);
+        break;
+      }
+      case proto::EcPeerRequest::kPutParity: {
+        const auto& pp = req.put_parity();
+        std::vector<uint8_t> buf(pp.length());
+        if (!ReadBulk(fd, buf.data(), buf.size(), options_.io_timeout_ms).ok()) return;
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = versions_.find(pp.version());
+        if (it == versions_.end() || it->second->parity == nullptr ||
+            it->second->parity_len != buf.size()) {
+          reply = ErrorReply(Status::NotFound("no parity of that version and size here"));
+          break;
+        }
+        Version& v = *it->second;
+        if (FragmentChecksum(buf.data(), buf.size()) != v.parity_crc) {
+          reply = ErrorReply(Status::Corruption("repaired parity does not match its checksum"));
+          break;
+        }
+        std::memcpy(v.parity, buf.data(), buf.size());
+        STRATA_LOG(WARN, CKPT, "snapshotd node {}: parity of version {} was corrupted; "
+                               "repaired by a peer's erasure decoding", options_.node, v.version);
+        break;
+      }
+      case proto::EcPeerRequest::BODY_NOT_SET:
+        reply = ErrorReply(Status::InvalidArgument("empty peer request"));
+        break;
+    }
+    st = WriteFrame(fd, reply, options_.io_timeout_ms);
+    if (st.ok() && reading) {
+      if (bulk != nullptr) {
+        for (size_t o = 0; st.ok() && o < bulk_len; o += kBulkChunk) {
+          st = WriteBytes(fd, bulk + o, std::min(kBulkChunk, bulk_len - o),
+                          options_.io_timeout_ms);
+        }
+      } else {
+        st = SendBulk(fd, reading->segments, 0, bulk_len, options_.io_timeout_ms);
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      --reading->readers;
+      Retire(*reading);
+    }
+    if (!st.ok()) return;
+  }
+}
+
+Status EcPeer::HandlePiece(int fd, const proto::EcPiece& pc) {
+  int p = -1;
+  const int s = pc.stripe();
+  if (s >= 0 && s < n_) p = Mod(li_ - s, n_);
+  // Read the bytes first in any case: the stream must stay in step. The piece may arrive before
+  // this node heard every announce (P unknown yet): it is padded to P when encoded. Buffers are
+  // recycled across versions: fresh pages would cost a page fault per 4 KiB every snapshot.
+  std::vector<uint8_t> buf;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!spare_.empty()) {
+      buf = std::move(spare_.back());
+      spare_.pop_back();
+    }
+  }
+  buf.resize(pc.length());
+  STRATA_RETURN_IF_ERROR(ReadBulk(fd, buf.data(), pc.length(), options_.io_timeout_ms));
+  if (p < 0 || p >= options_.m || pc.d() < 0 || pc.d() >= options_.k ||
+      Mod(s + options_.m + pc.d(), n_) != pc.from()) {
+    return Status::InvalidArgument(fmt::format(
+        "piece of stripe {} d {} from {} does not belong to node {}", s, pc.d(), pc.from(),
+        options_.node));
+  }
+  std::unique_lock<std::mutex> lock(mu_);
+  if (pc.version() <= group_version_ && versions_.count(pc.version()) == 0) {
+    return Status::OK();  // stale
+  }
+  auto v = GetOrMake(pc.version());
+  if (v->layout_known && pc.length() > v->P) {
+    return Status::InvalidArgument("piece longer than the stripe's fragments");
+  }
+  auto& slot = v->pieces[p][pc.d()];
+  slot.buf = std::move(buf);
+  slot.nonce = pc.nonce();
+  slot.valid = true;
+  Progress(lock, v);
+  return Status::OK();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rebuild
+
+StatusOr<EcRebuilt> EcPeer::Rebuild() {
+  const int64_t t0 = NowNs();
+  std::vector<std::optional<proto::EcStateReply>> states(n_);
+  int reachable = 0;
+  for (int j = 0; j < n_; ++j) {
+    if (j == li_) continue;
+    proto::EcPeerRequest req;
+    req.mutable_state();
+    proto::EcPeerReply reply;
+    Status st = SendToPeer(j, req, nullptr, 0, 0, &reply);
+    if (st.ok()) st = ReplyStatus(reply);
+    if (st.ok()) {
+      states[j] = reply.state();
+      ++reachable;
+    } else {
+      STRATA_LOG(INFO, CKPT, "snapshotd node {}: rebuild: node {}: {}", options_.node,
+                 GroupNode(j), st.ToString());
+    }
+  }
+  // The newest version any survivor reports group-committed.
+  int64_t ver = -1;
+  const proto::EcHeld* ref = nullptr;
+  for (const auto& s : states) {
+    if (!s) continue;
+    for (const auto& h : s->held()) {
+      if (h.group_committed() && h.version() > ver && h.manifests_size() == n_) {
+        ver = h.version();
+        ref = &h;
+      }
+    }
+  }
+  if (ref == nullptr) {
+    return Status::NotFound(fmt::format(
+        "no group-committed version on the {} reachable nodes of the group", reachable));
+  }
+  std::vector<bool> present(n_, false);
+  for (int j = 0; j < n_; ++j) {
+    if (!states[j]) continue;
+    for (const auto& h : states[j]->held()) {
+      if (h.version() == ver && h.data_present() && h.parity_complete()) present[j] = true;
+    }
+  }
+  std::vector<uint32_t> parity_crc(n_, 0);
+  for (int j = 0; j < n_; ++j) parity_crc[j] = ref->parity_crc32c(j);
+  auto count_missing = [&] {
+    return static_cast<int>(std::count(present.begin(), present.end(), false));
+  };
+  auto too_many = [&](const std::string& why) {
+    std::string lost;
+    for (int j = 0; j < n_; ++j) {
+      if (!present[j]) lost += fmt::format("{}{}", lost.empty() ? "" : ",", GroupNode(j));
+    }
+    return Status::DataLoss(fmt::format(
+        "cannot rebuild snapshot version {} of node {}: nodes {} of the erasure group {}..{} are "
+        "lost{}, a k={} m={} group survives at most {}; restore from disk", ver, options_.node,
+        lost, group_base_, group_base_ + n_ - 1, why, options_.k, options_.m, options_.m));
+  };
+  if (count_missing() > options_.m) return too_many("");
+
+  size_t B = 0;
+  for (const auto& mf : ref->manifests()) B = std::max<size_t>(B, mf.node_bytes());
+  STRATA_ASSIGN_OR_RETURN(StripeLayout layout, StripeLayout::Create(options_.k, options_.m, B));
+  std::vector<std::vector<uint8_t>> data(n_, std::vector<uint8_t>(B));
+  std::vector<std::vector<uint8_t>> parity(n_, std::vector<uint8_t>(layout.parity_bytes()));
+  std::vector<bool> bad_parity(n_, false);
+  std::vector<std::thread> fetchers;
+  std::mutex fmu;
+  for (int j = 0; j < n_; ++j) {
+    if (!present[j]) continue;
+    fetchers.emplace_back([&, j] {
+      for (int which = 0; which < 2; ++which) {
+        proto::EcPeerRequest req;
+        req.mutable_fetch()->set_version(ver);
+        req.mutable_fetch()->set_parity(which == 1);
+        auto fd = ConnectPeer(j);
+        Status st = fd.status();
+        proto::EcPeerReply reply;
+        uint8_t* dst = which == 0 ? data[j].data() : parity[j].data();
+        const size_t want = which == 0 ? ref->manifests(j).node_bytes() : parity[j].size();
+        if (st.ok()) st = WriteFrame(*fd, req, options_.io_timeout_ms);
+        if (st.ok()) st = ReadFrame(*fd, &reply, options_.io_timeout_ms);
+        if (st.ok()) st = ReplyStatus(reply);
+        if (st.ok() && reply.length() != want) {
+          st = Status::Corruption(fmt::format("sent {} bytes, expected {}", reply.length(), want));
+        }
+        if (st.ok()) st = ReadBulk(*fd, dst, want, options_.io_timeout_ms);
+        if (fd.ok()) ::close(*fd);
+        const uint32_t expect = which == 0 ? ref->manifests(j).node_crc32c() : parity_crc[j];
+        if (st.ok() && FragmentChecksum(dst, want) != expect) {
+          st = Status::Corruption(fmt::format("{} of node {} fails its CRC-32C",
+                                              which == 0 ? "data" : "parity", GroupNode(j)));
+        }
+        if (!st.ok()) {
+          STRATA_LOG(WARN, CKPT, "snapshotd node {}: rebuild: {} of node {}: {}", options_.node,
+                     which == 0 ? "data" : "parity", GroupNode(j), st.ToString());
+          std::lock_guard<std::mutex> l(fmu);
+          present[j] = false;
+          if (which == 1 && st.code() == StatusCode::kCorruption) bad_parity[j] = true;
+          return;
+        }
+      }
+    });
+  }
+  for (std::thread& t : fetchers) t.join();
+  if (count_missing() > options_.m) return too_many(" (or hold corrupted fragments)");
+
+  std::vector<uint8_t*> dp(n_), pp(n_);
+  for (int j = 0; j < n_; ++j) {
+    dp[j] = data[j].data();
+    pp[j] = parity[j].data();
+  }
+  {
+    std::lock_guard<std::mutex> pl(pool_mu_);
+    STRATA_RETURN_IF_ERROR(RebuildGroup(*rs_, layout, dp.data(), pp.data(), present,
+                                        pool_.get()));
+  }
+  EcRebuilt out;
+  out.version = ver;
+  out.manifest = ref->manifests(li_);
+  const size_t own = out.manifest.node_bytes();
+  if (FragmentChecksum(data[li_].data(), own) != out.manifest.node_crc32c()) {
+    return Status::Corruption(fmt::format(
+        "rebuilt snapshot version {} of node {} does not match its manifest's CRC-32C", ver,
+        options_.node));
+  }
+  if (FragmentChecksum(parity[li_].data(), parity[li_].size()) != parity_crc[li_]) {
+    return Status::Corruption("rebuilt parity does not match the CRC-32C its node reported");
+  }
+  for (int j = 0; j < n_; ++j) {
+    if (present[j] || j == li_) continue;
+    out.missing.push_back(GroupNode(j));
+    if (!bad_parity[j]) continue;
+    proto::EcPeerRequest req;
+    req.mutable_put_parity()->set_version(ver);
+    req.mutable_put_parity()->set_length(parity[j].size());
+    EcSegment seg{parity[j].data(), parity[j].size()};
+    proto::EcPeerReply reply;
+    Status st = SendToPeer(j, req, &seg, 1, 0, &reply, parity[j].size());
+    if (st.ok()) st = ReplyStatus(reply);
+    if (st.ok()) {
+      out.repaired.push_back(GroupNode(j));
+    } else {
+      STRATA_LOG(WARN, CKPT, "snapshotd node {}: repairing parity of node {}: {}",
+                 options_.node, GroupNode(j), st.ToString());
+    }
+  }
+  out.missing.insert(out.missing.begin(), options_.node);
+  data[li_].resize(own);
+  out.data = std::move(data[li_]);
+  out.parity = std::move(parity[li_]);
+  out.parity_crc = parity_crc;
+  out.manifests.assign(ref->manifests().begin(), ref->manifests().end());
+  out.seconds = (NowNs() - t0) / 1e9;
+  STRATA_LOG(INFO, CKPT, "snapshotd node {}: rebuilt version {} ({} bytes) by erasure decoding "
+                         "in {:.3f} s", options_.node, ver, own, out.seconds);
+  return out;
+}
+
+void EcPeer::AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
+  std::unique_lock<std::mutex> lock(mu_);
+  auto old = versions_.find(rebuilt.version);
+  if (old != versions_.end()) DropVersion(rebuilt.version);
+  std::shared_ptr<Version> v = GetOrMake(rebuilt.version);
+  v->local = true;
+  v->local_ready = true;
+  v->nonce = rebuilt.manifest.nonce();
+  v->segments = std::move(segments);
+  for (int j = 0; j < n_; ++j) InstallAnnounce(*v, j, rebuilt.manifests[j]);
+  Status st = EnsureParityShm(*v);
+  if (!st.ok() || v->parity_len != rebuilt.parity.size()) {
+    STRATA_LOG(ERROR, CKPT, "snapshotd node {}: keeping rebuilt parity: {}", options_.node,
+               st.ToString());
+    return;
+  }
+  if (!rebuilt.parity.empty()) std::memcpy(v->parity, rebuilt.parity.data(), v->parity_len);
+  v->stripe_done.assign(options_.m, true);
+  v->parity_complete = true;
+  v->parity_crc = rebuilt.parity_crc[li_];
+  v->done_sent = true;
+  for (int j = 0; j < n_; ++j) {
+    proto::EcParityDone d;
+    d.set_version(v->version);
+    d.set_from(j);
+    for (const auto& mf : rebuilt.manifests) d.add_nonces(mf.nonce());
+    d.set_parity_crc32c(rebuilt.parity_crc[j]);
+    v->done[j] = d;
+  }
+  MaybeGroupCommit(v);
+}
+
+}  // namespace strata::checkpoint

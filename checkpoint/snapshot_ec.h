@@ -1,0 +1,193 @@
+// Erasure coding of snapshots ACROSS nodes (#5, item 3; node loss in item 5): the part of
+// snapshotd (checkpoint/snapshotd.h) that talks to the snapshotds of the other nodes over TCP.
+//
+// Groups. The job's nodes (SnapshotdOptions::peers, in node order) form groups of n = k + m
+// consecutive nodes: group g is nodes [g * n, (g + 1) * n). A node's index inside its group is
+// its "group index". Erasure coding never crosses groups.
+//
+// Node buffer. When a version commits locally (every local rank published it) the node's bytes of
+// that version are the concatenation, ranks ascending, of each rank's committed slot data
+// (bytes_per_version bytes each, section gaps included). Its size may differ between nodes; the
+// group codes over B = the largest node buffer of the group, shorter ones zero-padded
+// (StripeLayout of checkpoint/erasure.h with bytes = B; the padding never exists in memory).
+//
+// Placement: the rotating StripeLayout. Every node keeps its data where it is (the ranks' shared
+// memory slots) and stores m parity fragments of P = ceil(B / k) bytes, m/k of its data, in one
+// shared-memory object per version (EcParityShmName).
+//
+// Commit protocol for version v (every message is a protobuf frame, proto/snapshot.proto):
+//   1. Local commit: snapshotd pins the slots and calls SubmitLocal. A sender thread computes the
+//      node buffer's CRC-32C and sends EcAnnounce (its EcNodeManifest: rank layout, sections and
+//      their CRCs, size, CRC, a random nonce) to every other node of the group.
+//   2. Once every node of the group announced v, everyone knows B and P. Each node sends each of
+//      its k pieces to the m parity nodes of that piece's stripe (EcPiece + raw bytes: m * B
+//      bytes out, m * B in per node).
+//   3. A parity node that has all k pieces of a stripe (with the nonces the senders announced)
+//      encodes its parity row with ISA-L into its parity shm. When all m of its stripes are done
+//      AND its own data of v is committed locally, it computes the parity CRC-32C and sends
+//      EcParityDone (the nonces it saw, the CRC) to every node of the group (itself included).
+//   4. A node that holds EcParityDone(v) from all n nodes, agreeing on every node's nonce,
+//      GROUP-COMMITS v: every node's data is in place and all parity is in place. Only then are
+//      the older versions (their slot pins and parity) released. So the previous group-committed
+//      version stays complete until v is: a node dying mid-way never leaves nothing.
+//   Nodes decide 4. independently; they may disagree for the moment a message is in flight, so
+//   a rebuild takes the newest version that the survivors report group-committed and still hold.
+//
+// Rebuild (Rebuild): an empty snapshotd of a replacement node (same node index) asks the other
+// nodes of its group for their state (EcStateRequest), picks that version, fetches every
+// survivor's node buffer and parity (EcFetch), checks each against the CRC-32C its manifest /
+// EcParityDone recorded (a mismatch makes that node count as lost for this rebuild), runs
+// RebuildGroup, checks the rebuilt node buffer against its manifest's CRC and sends rebuilt
+// parity back to any survivor whose stored parity was corrupted (EcPutParity: repaired). More
+// than m nodes missing: DataLoss (the trainer falls back to the disk copy).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "base/status.h"
+#include "base/thread_pool.h"
+#include "checkpoint/erasure.h"
+#include "proto/snapshot.pb.h"
+
+namespace strata::checkpoint {
+
+struct EcOptions {
+  std::vector<std::string> peers;  // host:port of every node's snapshotd, node order
+  int node = 0;                    // this node's index in peers
+  int k = 0, m = 0;                // group of k + m nodes; peers.size() % (k + m) == 0
+  std::string listen;              // host:port to bind; empty: peers[node]
+  std::string shm_run;             // names the parity shm objects (run, plus the node tag)
+  int threads = 2;                 // ISA-L encode / decode threads
+  int io_timeout_ms = 30000;       // one peer exchange (a piece of up to GiBs included)
+  int connect_timeout_ms = 1000;   // a peer that does not accept within this is down
+};
+
+// Default (k, m) for `nodes` nodes: 1 node: no coding (0, 0); 2: 1+1; 3: 2+1; 4..8: one group
+// of nodes-2 + 2 (any two lost nodes survive); more: the largest group size in [4, 8] that
+// divides the node count, with m = 2, else one group of nodes-2 + 2. n = 4 picks 2+2 rather
+// than 3+1: parity costs 100% instead of 33% of the snapshot, but two nodes of four may fail.
+std::pair<int, int> DefaultEcGroup(int nodes);
+
+// "/strata-ec-<sanitized shm_run>-n<node>-v<version>": a node's parity buffer of a version.
+std::string EcParityShmName(const std::string& shm_run, int node, int64_t version);
+
+struct EcSegment {
+  const uint8_t* data = nullptr;
+  size_t bytes = 0;
+};
+
+// What Rebuild recovered for this node.
+struct EcRebuilt {
+  int64_t version = -1;
+  proto::EcNodeManifest manifest;   // this node's (rank layout, sections, CRCs)
+  std::vector<uint8_t> data;        // the node buffer, manifest.node_bytes() bytes
+  std::vector<int> repaired;        // group indices whose corrupted parity was rewritten
+  std::vector<int> missing;         // nodes that were lost (this node included)
+  double seconds = 0;
+  // For AdoptRebuilt: this node's rebuilt parity, every node's manifest and parity CRC-32C.
+  std::vector<uint8_t> parity;
+  std::vector<proto::EcNodeManifest> manifests;
+  std::vector<uint32_t> parity_crc;
+};
+
+class EcPeer {
+ public:
+  // `wake` is called (from any thread) when the group-committed version or the released
+  // versions changed; snapshotd then calls group_version() / TakeReleased() on its loop.
+  static StatusOr<std::unique_ptr<EcPeer>> Create(EcOptions options, std::function<void()> wake);
+  ~EcPeer();  // Shutdown()
+  EcPeer(const EcPeer&) = delete;
+  EcPeer& operator=(const EcPeer&) = delete;
+
+  // Binds the listen address and starts serving peers.
+  Status Start();
+  // Stops every thread, closes every connection, unlinks the parity shm objects.
+  void Shutdown();
+
+  // A version committed locally: `segments` (the node buffer, in order) stay valid and unchanged
+  // until the version is returned by TakeReleased. manifest: ranks / world_size filled in; node,
+  // version, nonce, size and CRC are set here.
+  void SubmitLocal(int64_t version, proto::EcNodeManifest manifest,
+                   std::vector<EcSegment> segments);
+  // Forgets local versions > `keep` that are not group-committed (a restarted trainer redoing
+  // them); they come back through TakeReleased.
+  void Withdraw(int64_t keep);
+
+  // Newest group-committed version, -1 when none.
+  int64_t group_version() const;
+  // Local versions whose segments are no longer read (snapshotd may unpin their slots).
+  std::vector<int64_t> TakeReleased();
+
+  // Recovers this node's node buffer from the survivors (see the file comment). NotFound when no
+  // other node of the group holds a group-committed version (a fresh job); DataLoss when more
+  // than m nodes are missing; Corruption when the rebuilt bytes do not match the manifest.
+  StatusOr<EcRebuilt> Rebuild();
+  // After Rebuild: the rebuilt data now lives in `segments` (the rank slots snapshotd wrote);
+  // this node holds the version as group-committed again, parity included.
+  void AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segments);
+
+  int group_size() const { return n_; }
+  int group_index() const { return li_; }
+  const EcOptions& options() const { return options_; }
+
+ private:
+  struct Version;
+  EcPeer(EcOptions options, std::function<void()> wake);
+
+  int GroupNode(int li) const { return group_base_ + li; }
+  void AcceptLoop();
+  void ServeConnection(int fd);
+  Status HandlePiece(int fd, const proto::EcPiece& piece);
+  void SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest);
+  // Runs fn on a detached thread that Shutdown waits for. mu_ held.
+  void Spawn(std::function<void()> fn);
+  void InstallAnnounce(Version& v, int from, const proto::EcNodeManifest& m);  // mu_ held
+  void Retire(Version& v);  // mu_ held: frees a dropped version once nobody reads it
+  // Takes mu_ held; encodes finished stripes and sends EcParityDone when this node is done.
+  void Progress(std::unique_lock<std::mutex>& lock, const std::shared_ptr<Version>& v);
+  void MaybeGroupCommit(const std::shared_ptr<Version>& v);  // mu_ held
+  void DropVersion(int64_t version);                         // mu_ held
+  void DetachLocal(int64_t version);                         // mu_ held
+  void Recycle(Version& v);  // mu_ held: piece buffers back to spare_
+  std::shared_ptr<Version> GetOrMake(int64_t version);       // mu_ held
+  // One request (plus `bulk_bytes` raw bytes from offset `bulk_offset` of the concatenated
+  // segments) on a fresh connection, and its reply.
+  Status SendToPeer(int li, const proto::EcPeerRequest& req, const EcSegment* bulk,
+                    size_t nbulk, size_t bulk_offset, proto::EcPeerReply* reply,
+                    size_t bulk_bytes = 0);
+  StatusOr<int> ConnectPeer(int li) const;
+  Status EnsureParityShm(Version& v);  // mu_ held
+
+  EcOptions options_;
+  std::function<void()> wake_;
+  int n_ = 0, li_ = 0, group_base_ = 0;
+  std::optional<ReedSolomon> rs_;
+  std::unique_ptr<ThreadPool> pool_;
+  std::mutex pool_mu_;  // one ISA-L pass at a time on the pool
+
+  int listen_fd_ = -1;
+  int stop_pipe_[2] = {-1, -1};
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int64_t, std::shared_ptr<Version>> versions_;
+  int64_t group_version_ = -1;
+  std::vector<int64_t> released_;
+  std::vector<std::vector<uint8_t>> spare_;  // piece buffers of finished versions
+  int active_ = 0;  // detached threads (connection handlers, senders) still running
+  std::vector<int> conn_fds_;
+};
+
+}  // namespace strata::checkpoint
