@@ -33,6 +33,36 @@ uint64_t PageSize() {
   return page;
 }
 
+// Maps the whole file read-only at a kHugeAlignment-aligned address and asks for transparent
+// huge pages. With file offsets and addresses congruent modulo 2 MiB, a kernel that keeps the
+// file in PMD-sized page-cache folios (ext4 / xfs / tmpfs large folios, Linux 6.x, THP enabled
+// or madvise) maps each 2 MiB with one entry instead of 512: prefaulting a 1.1 GiB shard then
+// costs ~0.7 ms instead of ~12 ms, and decode takes fewer TLB misses. Elsewhere MADV_HUGEPAGE is
+// refused or ignored and the mapping works with 4 KiB pages as before.
+StatusOr<uint8_t*> MapFileHuge(int fd, uint64_t bytes, int flags, const std::string& path,
+                               bool* huge) {
+  const uint64_t reserve = bytes + kHugeAlignment;
+  void* r = ::mmap(nullptr, reserve, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) return ErrnoStatus("mmap (address reservation) for " + path, errno);
+  auto* base = static_cast<uint8_t*>(r);
+  uint8_t* aligned = reinterpret_cast<uint8_t*>(RoundUp(reinterpret_cast<uint64_t>(base),
+                                                        kHugeAlignment));
+  void* p = ::mmap(aligned, bytes, PROT_READ, flags | MAP_FIXED, fd, 0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    ::munmap(base, reserve);
+    return ErrnoStatus("mmap " + path, err);
+  }
+  // Give back the parts of the reservation around the file mapping.
+  if (aligned > base) ::munmap(base, static_cast<size_t>(aligned - base));
+  const uint64_t tail_begin = RoundUp(reinterpret_cast<uint64_t>(aligned) + bytes, PageSize());
+  const uint64_t tail_end = reinterpret_cast<uint64_t>(base) + reserve;
+  if (tail_end > tail_begin) ::munmap(reinterpret_cast<void*>(tail_begin), tail_end - tail_begin);
+  // A hint: EINVAL without THP is fine.
+  *huge = ::madvise(aligned, bytes, MADV_HUGEPAGE) == 0;
+  return aligned;
+}
+
 // pread until `len` bytes or EOF, retrying EINTR and partial reads. Returns bytes read.
 StatusOr<uint64_t> PreadFull(int fd, uint8_t* dst, uint64_t len, uint64_t off) {
   uint64_t got = 0;
@@ -89,7 +119,14 @@ std::vector<std::pair<uint64_t, uint64_t>> MapDropRanges(const std::vector<Block
     uint64_t end = RoundUp(b.offset + b.bytes, page_size);
     // ... up to the page holding the start of the next block (in file order) ...
     auto it = std::upper_bound(starts.begin(), starts.end(), b.offset);
-    if (it != starts.end()) end = std::min(end, RoundDown(*it, page_size));
+    if (it != starts.end()) {
+      // Blocks written 2 MiB-aligned (strata shard does) are followed by padding up to the next
+      // one: dropping it too keeps the drop a whole number of huge pages, so the kernel zaps the
+      // block's PMD mappings instead of splitting the last one.
+      const uint64_t padded = std::min(RoundUp(b.offset + b.bytes, kHugeAlignment), *it);
+      end = std::max(end, RoundDown(padded, page_size));
+      end = std::min(end, RoundDown(*it, page_size));
+    }
     // ... and past the end of any block that starts at or before this one and reaches into it.
     for (size_t j = 0; j < B; ++j) {
       const BlockExtent& o = blocks[j];
@@ -178,12 +215,14 @@ Status WeightWindow::Init(const std::string& path, std::vector<BlockExtent> bloc
   mode_ = opts.window == 0 ? WindowMode::kResident : opts.mode;
   // Map now for kMap/kResident, and for kAuto so that mincore can look at the page cache.
   if (mode_ == WindowMode::kResident || mode_ == WindowMode::kMap || mode_ == WindowMode::kAuto) {
-    int flags = MAP_SHARED;
-    if (mode_ == WindowMode::kResident && opts.populate) flags |= MAP_POPULATE;
-    void* p = ::mmap(nullptr, file_size_, PROT_READ, flags, fd_, 0);
-    if (p == MAP_FAILED) return ErrnoStatus("mmap " + path, errno);
-    map_ = static_cast<uint8_t*>(p);
+    STRATA_ASSIGN_OR_RETURN(map_, MapFileHuge(fd_, file_size_, MAP_SHARED, path, &huge_hint_));
     map_bytes_ = file_size_;
+    // Prefault after the huge-page hint (MAP_POPULATE would read before it, into 4 KiB folios),
+    // so first-touch faults stay out of the first token. Best effort: without POPULATE_READ
+    // (Linux < 5.14) pages fault in on first use.
+    if (mode_ == WindowMode::kResident && opts.populate && file_size_ > 0) {
+      (void)::madvise(map_, file_size_, MADV_POPULATE_READ);
+    }
   }
   if (mode_ == WindowMode::kAuto) {
     if (opts.direct_io) {
@@ -278,14 +317,26 @@ bool WeightWindow::CanLoadLocked(uint64_t seq) const {
 }
 
 void WeightWindow::LoaderMain() {
+  constexpr uint64_t kNoSeq = ~0ull;
+  std::vector<int> drops;
   for (;;) {
     uint64_t seq;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      loader_cv_.wait(lk, [&] { return stop_ || CanLoadLocked(loaded_); });
+      loader_cv_.wait(lk, [&] {
+        return stop_ || CanLoadLocked(loaded_) || !pending_drops_.empty();
+      });
       if (stop_) return;
+      drops.swap(pending_drops_);
       seq = loaded_;
+      if (!CanLoadLocked(seq)) seq = kNoSeq;
     }
+    for (int block : drops) {
+      auto [begin, end] = drop_ranges_[static_cast<size_t>(block)];
+      if (end > begin) ::madvise(map_ + begin, end - begin, MADV_DONTNEED);
+    }
+    drops.clear();
+    if (seq == kNoSeq) continue;
     // The slot for `seq` belongs to a released (or never used) sequence, so it is written with
     // the lock dropped; Acquire does not look at it until loaded_ moves past seq.
     Status s = LoadSeq(seq);
@@ -414,9 +465,12 @@ Status WeightWindow::FaultInBlock(int block) {
   const uint64_t page = PageSize();
   uint64_t begin = RoundDown(b.offset, page);
   uint64_t end = std::min(RoundUp(b.offset + b.bytes, page), RoundUp(map_bytes_, page));
-  // Start the reads for the whole block at once, then wait for them page table entry by page
-  // table entry, so compute finds the block mapped and never takes a fault.
-  ::madvise(map_ + begin, end - begin, MADV_WILLNEED);
+  // Without huge pages: start the reads for the whole block at once, then wait for them page
+  // table entry by page table entry, so compute finds the block mapped and never takes a fault.
+  // With the huge-page hint, skip WILLNEED: its readahead fills the page cache with 4 KiB
+  // folios (which can then never be mapped 2 MiB at a time) and walks every cached page even
+  // when nothing is to be read; POPULATE_READ's faults read 2 MiB folios themselves.
+  if (!huge_hint_) ::madvise(map_ + begin, end - begin, MADV_WILLNEED);
   for (uint64_t at = begin; at < end;) {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -503,18 +557,16 @@ void WeightWindow::Release(int i) {
     STRATA_CHECK_MSG(it != held_.end(), "weight window '{}': Release({}) of a block not held",
                      path_, i);
   }
-  // Drop the pages from our mapping before the loader may advise the next block. The page cache
-  // keeps them; other mappings of the file are unaffected.
-  if (mode_ == WindowMode::kMap && !all_fit_) {
-    auto [begin, end] = drop_ranges_[static_cast<size_t>(i)];
-    if (end > begin) ::madvise(map_ + begin, end - begin, MADV_DONTNEED);
-  }
   {
     std::lock_guard<std::mutex> lk(mu_);
     auto it = std::find_if(held_.begin(), held_.end(), [&](const Held& h) {
       return !h.released && h.seq % B == static_cast<uint64_t>(i);
     });
     it->released = true;
+    // The loader drops the pages from our mapping (the page cache keeps them) before it
+    // prefaults anything else, so at most W blocks stay mapped, and the zap (~5 ms per GiB) is
+    // off the compute thread.
+    if (mode_ == WindowMode::kMap && !all_fit_) pending_drops_.push_back(i);
     while (!held_.empty() && held_.front().released) held_.pop_front();
     if (!all_fit_) in_flight_bytes_ -= blocks_[static_cast<size_t>(i)].bytes;
   }

@@ -54,6 +54,9 @@ struct BlockExtent {
 // Offsets of blocks and sizes of slots are multiples of this (the shard-file format aligns
 // blocks to 4 KiB, which is also what O_DIRECT needs on common devices).
 inline constexpr uint64_t kBlockAlignment = 4096;
+// Mappings are placed at this alignment (the x86-64 PMD size) so blocks that start on it can be
+// mapped with transparent huge pages.
+inline constexpr uint64_t kHugeAlignment = 2ull << 20;
 
 enum class WindowMode {
   kResident,  // window 0: the whole file mmapped, nothing ever released
@@ -160,6 +163,7 @@ class WeightWindow {
   std::string path_;
   std::vector<BlockExtent> blocks_;
   std::vector<std::pair<uint64_t, uint64_t>> drop_ranges_;  // kMap: [begin, end) to DONTNEED
+  std::vector<int> pending_drops_;  // kMap: released blocks the loader has yet to drop (mu_)
   WindowMode mode_ = WindowMode::kCopy;
   int window_ = 0;        // effective W = min(opts.window, B)
   bool all_fit_ = false;  // B <= W: load each block once, keep it
@@ -171,6 +175,7 @@ class WeightWindow {
   bool slots_locked_ = false;
   uint8_t* map_ = nullptr;  // kMap/kResident: the whole file
   uint64_t map_bytes_ = 0;
+  bool huge_hint_ = false;  // the kernel accepted MADV_HUGEPAGE on map_
 
   mutable std::mutex mu_;
   std::condition_variable loader_cv_;    // loader waits for a free slot or stop

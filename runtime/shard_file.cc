@@ -129,7 +129,7 @@ class ShardBuilder {
     return e;
   }
 
-  void BeginBlock() { cursor_ = AlignUp(cursor_, kShardAlign); block_start_ = cursor_; }
+  void BeginBlock() { cursor_ = AlignUp(cursor_, kShardBlockAlign); block_start_ = cursor_; }
   // Blocks are padded to whole pages so that O_DIRECT reads of a block are aligned at both ends.
   void EndBlock(proto::BlockEntry* b) {
     cursor_ = AlignUp(cursor_, kShardAlign);

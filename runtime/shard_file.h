@@ -18,6 +18,10 @@ class HfModel;
 
 inline constexpr uint32_t kShardFormatVersion = 1;
 inline constexpr uint64_t kShardAlign = 4096;
+// Blocks start on 2 MiB boundaries (the padding is a hole in the file, no disk): a reader that
+// maps the file 2 MiB-aligned can then map each block with transparent huge pages and drop it
+// again in whole huge pages (memory/weight_window.h). Readers accept any 4 KiB-aligned block.
+inline constexpr uint64_t kShardBlockAlign = 2ull << 20;
 
 // The folder `strata shard` writes: rank-<r>.shard for every rank, plus config.json,
 // tokenizer.model (when the model has one) and plan.txt (the split, for people).

@@ -568,6 +568,10 @@ TEST(WeightWindowTest, MapReleaseDropsOnlyItsBlock) {
   EXPECT_EQ(before0, pages) << "block 0 not prefaulted";
   EXPECT_EQ(PresentPages(*p1, bytes), pages) << "block 1 not prefaulted";
   (*w)->Release(0);
+  // The loader thread drops released blocks (off the compute thread): wait for it.
+  for (int tries = 0; tries < 500 && PresentPages(*p0, bytes) != 0; ++tries) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
   EXPECT_EQ(PresentPages(*p0, bytes), 0) << "Release(0) left block 0 mapped";
   EXPECT_EQ(PresentPages(*p1, bytes), pages) << "Release(0) dropped pages of block 1";
   EXPECT_TRUE(Matches(*p1, f.expected[1]));
