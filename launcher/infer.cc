@@ -105,6 +105,7 @@ int RunInfer(const InferArgs& a) {
   std::string text;
   const int64_t t0 = NowNs();
   if (Status s = e.Forward(ids.data(), n_prompt, 0, dump, &logits); !s.ok()) return abort_all(s);
+  const int64_t prefill_allreduce_ns = e.allreduce_ns();  // decode's share is what comes after
   int64_t t_first = 0, generated = 0;
   int64_t pos = n_prompt;
   while (true) {
@@ -135,8 +136,12 @@ int RunInfer(const InferArgs& a) {
   const int64_t t_end = NowNs();
 
   // Per-rank figures to rank 0.
-  int64_t mine[2] = {PeakRssBytes(), e.weight_wait_ns()};
-  std::vector<int64_t> all(2 * static_cast<size_t>(comm.size()));
+  constexpr int kFig = 5;
+  int64_t mine[kFig] = {PeakRssBytes(), e.weight_wait_ns(),
+                        static_cast<int64_t>(e.decode_weight_bytes()),
+                        e.allreduce_ns() - prefill_allreduce_ns,
+                        static_cast<int64_t>(e.memory_budget_bytes())};
+  std::vector<int64_t> all(kFig * static_cast<size_t>(comm.size()));
   if (Status s = comm.Allgather(mine, all.data(), sizeof(mine)); !s.ok()) return abort_all(s);
   if (rank != 0) return 0;
   const double ttft_ms = static_cast<double>(t_first - t0) / 1e6;
@@ -149,10 +154,19 @@ int RunInfer(const InferArgs& a) {
                       {"window", a.window}, {"window_mode", memory::WindowModeName(e.window_mode())},
                       {"allreduce", a.allreduce}, {"transport", a.transport},
                       {"peak_rss_bytes", nlohmann::json::array()},
-                      {"weight_wait_ms", nlohmann::json::array()}};
+                      {"weight_wait_ms", nlohmann::json::array()},
+                      {"weight_bytes_per_token", nlohmann::json::array()},
+                      {"allreduce_ms_per_token", nlohmann::json::array()},
+                      {"memory_budget_bytes", nlohmann::json::array()}};
   for (int r = 0; r < comm.size(); ++r) {
-    j["peak_rss_bytes"].push_back(all[2 * r]);
-    j["weight_wait_ms"].push_back(static_cast<double>(all[2 * r + 1]) / 1e6);
+    j["peak_rss_bytes"].push_back(all[kFig * r]);
+    j["weight_wait_ms"].push_back(static_cast<double>(all[kFig * r + 1]) / 1e6);
+    j["weight_bytes_per_token"].push_back(all[kFig * r + 2]);
+    // Decode steps after the first token (the ones decode_tokens_per_s counts), per token.
+    j["allreduce_ms_per_token"].push_back(
+        generated > 0 ? static_cast<double>(all[kFig * r + 3]) / 1e6 / static_cast<double>(generated)
+                      : 0.0);
+    j["memory_budget_bytes"].push_back(all[kFig * r + 4]);
   }
   if (dump) {
     std::string err;
@@ -217,7 +231,10 @@ void AddInferCommand(CLI::App& root, std::vector<Command>& commands) {
       ->capture_default_str();
   app->add_option("--transport", a->transport, "mpi or tcp")->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON object (text, tokens, ttft_ms, "
-                                   "decode_tokens_per_s, peak_rss_bytes, weight_wait_ms)");
+                                   "decode_tokens_per_s, and per rank peak_rss_bytes, "
+                                   "weight_wait_ms, weight_bytes_per_token, "
+                                   "allreduce_ms_per_token, memory_budget_bytes = W largest "
+                                   "blocks + resident tensors + KV cache)");
   app->add_option("--dump-logits", a->dump_logits,
                   "Write the logits of every position (raw f32) and FILE.json (shape, tokens)");
   commands.push_back({app, [a]() { return RunInfer(*a); }});

@@ -578,6 +578,15 @@ WindowStats WeightWindow::stats() const {
   return stats_;
 }
 
+uint64_t WeightWindow::budget_bytes() const {
+  if (mode_ == WindowMode::kResident || all_fit_) {
+    uint64_t total = 0;
+    for (const BlockExtent& b : blocks_) total += RoundUp(b.bytes, kBlockAlignment);
+    return total;
+  }
+  return slot_bytes_ * static_cast<uint64_t>(window_);
+}
+
 uint64_t WeightWindow::resident_bytes() const {
   if (mode_ == WindowMode::kCopy) return slot_bytes_ * static_cast<uint64_t>(window_);
   std::lock_guard<std::mutex> lk(mu_);

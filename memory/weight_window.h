@@ -140,6 +140,9 @@ class WeightWindow {
   // Memory the window itself holds, for RSS accounting: the slots (kCopy), the prefaulted blocks
   // not yet released (kMap), the mapped blocks (kResident).
   uint64_t resident_bytes() const;
+  // The most the window can hold at once: W slots of the largest block (every block when
+  // resident or when they all fit). What a memory budget must leave room for.
+  uint64_t budget_bytes() const;
 
  private:
   struct Held {

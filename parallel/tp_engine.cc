@@ -128,6 +128,24 @@ uint64_t TpEngine::resident_bytes() const {
   return b;
 }
 
+uint64_t TpEngine::memory_budget_bytes() const {
+  uint64_t b = window_->budget_bytes() + embed_.size() + lm_head_.size();
+  b += final_norm_.size() * sizeof(float);
+  for (const auto& n : input_norm_) b += n.size() * sizeof(float);
+  for (const auto& n : post_norm_) b += n.size() * sizeof(float);
+  for (const auto& c : k_cache_) b += c.size();
+  for (const auto& c : v_cache_) b += c.size();
+  return b;
+}
+
+uint64_t TpEngine::decode_weight_bytes() const {
+  uint64_t b = lm_head_.size();
+  for (const proto::BlockEntry& e : shard_->manifest().blocks()) {
+    for (const proto::TensorEntry& t : e.tensors()) b += t.bytes();
+  }
+  return b;
+}
+
 StatusOr<TpEngine::BlockTensors> TpEngine::AcquireBlock(int index) {
   STRATA_ASSIGN_OR_RETURN(const uint8_t* base, window_->Acquire(index));
   const proto::BlockEntry& b = shard_->manifest().blocks(index);

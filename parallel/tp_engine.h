@@ -51,6 +51,14 @@ class TpEngine {
   int64_t allreduce_ns() const { return allreduce_ns_; }
   memory::WindowMode window_mode() const { return window_->mode(); }
   uint64_t resident_bytes() const;
+  // Weight bytes this rank reads to decode one token: every block of its shard, plus the LM
+  // head on rank 0 (the embedding contributes one row). Divided by the streaming read bandwidth
+  // it gives the rank's decode floor.
+  uint64_t decode_weight_bytes() const;
+  // What this rank's memory must hold: W blocks of the largest size (all blocks when resident),
+  // the resident tensors (norms; embeddings and LM head on rank 0) and the KV cache. The
+  // issue's RSS bound is 1.2 x this + 64 MiB.
+  uint64_t memory_budget_bytes() const;
 
  private:
   TpEngine(comm::Communicator& comm, const EngineOptions& options) : comm_(comm), opts_(options) {}
