@@ -3,7 +3,11 @@
 #include <algorithm>
 #include <exception>
 
+#include <immintrin.h>
+#include <sched.h>
+
 #include "base/check.h"
+#include "base/clock.h"
 #include "base/env.h"
 #include "base/logging.h"
 
@@ -20,8 +24,46 @@ struct ThreadPool::Job {
   ThreadPool* pool;
 };
 
+namespace {
+
+int64_t PoolSpinNs() {
+  static const int64_t ns = [] {
+    StatusOr<int64_t> us = EnvInt("STRATA_POOL_SPIN_US");
+    if (!us.ok() || *us < 0 || *us > 1000000) {
+      STRATA_LOG(WARN, BASE, "ignoring STRATA_POOL_SPIN_US: {}; using 100",
+                 us.ok() ? fmt::format("{} is out of range [0, 1000000]", *us)
+                         : us.status().message());
+      return int64_t{100} * 1000;
+    }
+    return *us * 1000;
+  }();
+  return ns;
+}
+
+// Polls `done` for up to `ns` nanoseconds; true if it became true. After the first few
+// microseconds it yields the core between polls, so on an oversubscribed machine (more ranks
+// and threads than cores, common on small clusters and in tests) the thread being waited for
+// gets to run instead of losing its core to the poller.
+template <class F>
+bool SpinUntil(F done, int64_t ns) {
+  if (ns <= 0) return done();
+  const int64_t t0 = NowNs();
+  for (int i = 0;; ++i) {
+    if (done()) return true;
+    if (i < 256) {
+      _mm_pause();
+      continue;
+    }
+    sched_yield();
+    if ((i & 7) == 7 && NowNs() - t0 > ns) return done();
+  }
+}
+
+}  // namespace
+
 ThreadPool::ThreadPool(int num_threads) {
   STRATA_CHECK_GE(num_threads, 1);
+  spin_ns_ = PoolSpinNs();
   workers_.reserve(static_cast<size_t>(num_threads - 1));
   for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
 }
@@ -31,6 +73,7 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_ = true;
+    stopping_.store(true, std::memory_order_release);
   }
   work_cv_.notify_all();
   for (std::thread& t : workers_) t.join();
@@ -65,6 +108,10 @@ void ThreadPool::WorkerLoop() {
   uint64_t seen = 0;
   while (true) {
     std::shared_ptr<Job> job;
+    SpinUntil([&] {
+      return published_.load(std::memory_order_acquire) != seen ||
+             stopping_.load(std::memory_order_acquire);
+    }, spin_ns_);
     {
       std::unique_lock<std::mutex> lock(mu_);
       work_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
@@ -97,9 +144,11 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t, size_t)>
     std::lock_guard<std::mutex> lock(mu_);
     job_ = job;
     ++generation_;
+    published_.store(generation_, std::memory_order_release);
   }
   work_cv_.notify_all();
   RunChunks(*job);
+  SpinUntil([&] { return job->done_chunks.load(std::memory_order_acquire) == chunks; }, spin_ns_);
   {
     std::unique_lock<std::mutex> lock(mu_);
     done_cv_.wait(lock, [&] { return job->done_chunks.load(std::memory_order_acquire) == chunks; });

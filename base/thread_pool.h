@@ -57,6 +57,12 @@ class ThreadPool {
   std::shared_ptr<Job> job_;  // guarded by mu_
   uint64_t generation_ = 0;   // guarded by mu_; bumped per job
   bool stop_ = false;         // guarded by mu_
+  // Mirrors of generation_ / stop_ that idle workers poll for up to spin_ns_ before they block
+  // on work_cv_: a decode step runs hundreds of short ParallelFors, and a futex wake-up costs
+  // tens of microseconds each. The mutex-guarded values stay the source of truth.
+  std::atomic<uint64_t> published_{0};
+  std::atomic<bool> stopping_{false};
+  int64_t spin_ns_ = 0;
   std::atomic<bool> busy_{false};
 };
 
