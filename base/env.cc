@@ -28,6 +28,10 @@ constexpr EnvVar kEnvVars[] = {
     {"STRATA_NUM_THREADS", "0",
      "Threads in the default CPU thread pool, the calling thread included; 0 = hardware "
      "concurrency."},
+    {"STRATA_POOL_SPIN_US", "100",
+     "How long an idle thread-pool worker (and a caller waiting for its workers) polls before "
+     "it blocks; waking a blocked thread costs tens of microseconds per parallel step. "
+     "0 = always block."},
     {"STRATA_SEGMENT_BYTES", "262144",
      "Collectives cut messages into segments of this many bytes."},
     {"STRATA_STAR_HUB", "0", "Default hub rank of the star allreduce."},
