@@ -11,7 +11,7 @@ packages=(
   libucx-dev ucx-utils
   librocksdb-dev libprotobuf-dev protobuf-compiler
   libbenchmark-dev libgtest-dev
-  libisal-dev libopenblas-dev
+  libisal-dev libopenblas-dev libdnnl-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev sentencepiece
   iproute2

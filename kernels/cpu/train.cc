@@ -12,6 +12,8 @@
 
 #include <cblas.h>
 #include <math.h>
+#include <oneapi/dnnl/dnnl.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <bit>
@@ -64,10 +66,18 @@ void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
     }
     return;
   }
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, static_cast<int>(m), static_cast<int>(n),
-              static_cast<int>(k), alpha, a, static_cast<int>(lda), b, static_cast<int>(ldb), beta,
-              c, static_cast<int>(ldc));
+  // oneDNN's OpenMP runtime sizes its team from the calling thread's ICV: one thread here, so
+  // each pool thread runs its slice alone (set once per thread; libgomp keeps ICVs per thread).
+  thread_local bool one_omp_thread = [] {
+    omp_set_num_threads(1);
+    return true;
+  }();
+  (void)one_omp_thread;
+  const dnnl_status_t st = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a,
+                                      lda, b, ldb, beta, c, ldc);
+  // Only bad arguments make dnnl_sgemm fail: a programming error in the callers.
+  STRATA_CHECK_MSG(st == dnnl_success, "dnnl_sgemm({}, {}, {}, {}, {}) failed with status {}",
+                   trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, static_cast<int>(st));
 }
 
 // Splits [0, n) into `parts` near-equal slices aligned to `align` (the last takes the rest).
