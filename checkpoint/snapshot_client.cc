@@ -196,9 +196,9 @@ Status SnapshotClient::Publish(int64_t version, const std::vector<Section>& sect
   return Status::OK();
 }
 
-StatusOr<LatestInfo> SnapshotClient::Latest() {
+StatusOr<LatestInfo> SnapshotClient::Latest(int64_t max_disk_version) {
   proto::SnapshotRequest req;
-  req.mutable_latest();
+  req.mutable_latest()->set_max_disk_version(max_disk_version);
   STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
   LatestInfo info;
   const proto::LatestReply& l = reply.latest();
@@ -210,6 +210,7 @@ StatusOr<LatestInfo> SnapshotClient::Latest() {
     info.manifest = l.manifest();
     info.parity_protected = l.parity_protected();
     info.rebuilt = l.rebuilt();
+    info.rebuilt_from_nodes = l.rebuilt_from_nodes();
   }
   info.note = l.note();
   return info;

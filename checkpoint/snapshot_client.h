@@ -53,6 +53,7 @@ struct LatestInfo {
   bool parity_protected = false;
   bool rebuilt = false;
   std::string note;  // snapshotd's remark: how it was rebuilt, why disk was used, ...
+  int rebuilt_from_nodes = 0;  // rebuilt: surviving nodes whose data and parity were decoded
 };
 
 class SnapshotClient {
@@ -89,8 +90,9 @@ class SnapshotClient {
   // True when the last Publish completed its version's commit (this rank was the last).
   bool last_publish_committed() const { return last_committed_; }
 
-  // The newest committed version (or, with snapshotd's memory empty, the newest on disk).
-  StatusOr<LatestInfo> Latest();
+  // The newest committed version (or, with snapshotd's memory empty, the newest on disk; with
+  // max_disk_version > 0 the newest on disk that is not newer than it).
+  StatusOr<LatestInfo> Latest(int64_t max_disk_version = 0);
   // Copies `rank`'s sections of `info` (-1: this client's rank) into `out`, verifying each
   // checksum: Corruption naming rank and section on mismatch, NotFound for a section name the
   // version does not have, InvalidArgument when a buffer's size differs from the section's.

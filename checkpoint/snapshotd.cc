@@ -402,7 +402,7 @@ proto::SnapshotReply Snapshotd::Handle(int fd, const proto::SnapshotRequest& req
     }
     case proto::SnapshotRequest::kLatest:
     {
-      auto r = DoLatest();
+      auto r = DoLatest(req.latest().max_disk_version());
       if (r.ok()) *reply.mutable_latest() = std::move(*r);
       st = r.status();
       break;
@@ -761,7 +761,10 @@ void Snapshotd::MaybeCommit(int64_t version, bool* committed, bool recovering) {
   STRATA_LOG(DEBUG, CKPT, "snapshotd run={}: version {} committed ({} local ranks)", options_.run,
              version, ranks_.size());
   if (ec_) SubmitToEc();
-  if (options_.persist_every > 0 && commits_ % options_.persist_every == 0) {
+  // By version, not by count of commits here: the snapshotds of a job's nodes then persist the
+  // same versions even when one of them was restarted (or rebuilt) mid-run, so every node has
+  // the version a disk fallback needs.
+  if (options_.persist_every > 0 && version % options_.persist_every == 0) {
     PersistJob job;
     job.manifest = committed_;
     for (auto& [rank, st] : ranks_) {
@@ -778,7 +781,7 @@ void Snapshotd::MaybeCommit(int64_t version, bool* committed, bool recovering) {
   }
 }
 
-StatusOr<proto::LatestReply> Snapshotd::DoLatest() {
+StatusOr<proto::LatestReply> Snapshotd::DoLatest(int64_t max_disk_version) {
   proto::LatestReply reply;
   Status ec_error;
   if (ec_) {
@@ -790,6 +793,7 @@ StatusOr<proto::LatestReply> Snapshotd::DoLatest() {
       if (group_version_ == rebuilt_version_) {
         reply.set_rebuilt(true);
         reply.set_note(rebuilt_note_);
+        reply.set_rebuilt_from_nodes(rebuilt_from_nodes_);
       }
       return reply;
     }
@@ -801,6 +805,7 @@ StatusOr<proto::LatestReply> Snapshotd::DoLatest() {
         reply.set_parity_protected(true);
         reply.set_rebuilt(true);
         reply.set_note(rebuilt_note_);
+        reply.set_rebuilt_from_nodes(rebuilt_from_nodes_);
         *reply.mutable_manifest() = group_manifest_;
         return reply;
       }
@@ -818,7 +823,7 @@ StatusOr<proto::LatestReply> Snapshotd::DoLatest() {
     return reply;
   }
   if (!options_.persist_dir.empty()) {
-    auto disk = LatestFromDisk();
+    auto disk = LatestFromDisk(max_disk_version);
     if (disk.ok()) {
       if (!ec_error.ok()) disk->set_note(ec_error.message());
       return std::move(*disk);
@@ -925,6 +930,7 @@ Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
   group_version_ = rebuilt.version;
   group_manifest_ = committed_;
   rebuilt_version_ = rebuilt.version;
+  rebuilt_from_nodes_ = ec_->group_size() - static_cast<int>(rebuilt.missing.size());
   std::string missing, repaired;
   for (int n : rebuilt.missing) missing += fmt::format("{}{}", missing.empty() ? "" : ",", n);
   for (int n : rebuilt.repaired) repaired += fmt::format("{}{}", repaired.empty() ? "" : ",", n);
@@ -936,14 +942,16 @@ Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
   return Status::OK();
 }
 
-StatusOr<proto::LatestReply> Snapshotd::LatestFromDisk() const {
+StatusOr<proto::LatestReply> Snapshotd::LatestFromDisk(int64_t max_version) const {
   const fs::path root = fs::path(options_.persist_dir) / SanitizeRunName(options_.run);
   std::error_code ec;
   if (!fs::is_directory(root, ec)) return Status::NotFound("no persisted versions");
   std::vector<std::pair<int64_t, fs::path>> versions;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     const int64_t v = ParseVersionDir(e.path().filename().string());
-    if (v >= 0 && e.is_directory(ec)) versions.push_back({v, e.path()});
+    if (v >= 0 && (max_version <= 0 || v <= max_version) && e.is_directory(ec)) {
+      versions.push_back({v, e.path()});
+    }
   }
   std::sort(versions.rbegin(), versions.rend());
   for (const auto& [v, dir] : versions) {

@@ -119,7 +119,7 @@ class Snapshotd {
   StatusOr<proto::RegisterReply> DoRegister(int fd, const proto::RegisterRequest& r);
   StatusOr<proto::BeginVersionReply> DoBegin(RankState& st, const proto::BeginVersionRequest& r);
   StatusOr<proto::PublishReply> DoPublish(RankState& st, const proto::PublishRequest& r);
-  StatusOr<proto::LatestReply> DoLatest();
+  StatusOr<proto::LatestReply> DoLatest(int64_t max_disk_version);
   // Creates (or reattaches) `rank`'s two slots and adds it to ranks_ with no connection.
   StatusOr<RankState*> OpenRank(int rank, int world, size_t bytes, bool* reattached);
   // Erasure coding: hands the just committed version to the EcPeer (pinning its slots), takes
@@ -133,7 +133,8 @@ class Snapshotd {
   // Adopts a committed version recorded in reattached slots' manifest rooms (a snapshotd that
   // restarted while the shared memory survived).
   void RecoverFromSlots();
-  StatusOr<proto::LatestReply> LatestFromDisk() const;
+  // The newest complete version on disk (<= max_version when that is > 0).
+  StatusOr<proto::LatestReply> LatestFromDisk(int64_t max_version) const;
   void PersistLoop();
   Status PersistOne(const PersistJob& job);
   void ReapPersisted();
@@ -165,6 +166,7 @@ class Snapshotd {
   proto::SnapshotManifest group_manifest_;
   int64_t rebuilt_version_ = -1;
   std::string rebuilt_note_;
+  int rebuilt_from_nodes_ = 0;
 
   // Background persistence: the loop thread queues jobs, the persister writes them and hands
   // the pins back through done_ (the loop releases them, so slot state has one owner).
