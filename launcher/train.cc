@@ -2,11 +2,13 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
@@ -14,9 +16,12 @@
 #include <nlohmann/json.hpp>
 
 #include "base/clock.h"
+#include "base/env.h"
 #include "base/thread_pool.h"
 #include "comm/communicator.h"
+#include "checkpoint/snapshot_ec.h"
 #include "comm/transport/mpi/mpi_transport.h"
+#include "comm/transport/tcp/tcp_transport.h"
 #include "launcher/commands.h"
 #include "launcher/train_snapshot.h"
 #include "memory/param_store.h"
@@ -52,6 +57,8 @@ struct TrainArgs {
   std::string snapshot_dir;
   int persist_every = 0;
   std::string resume = "never";
+  std::string ec;    // "k,m"; empty: DefaultEcGroup of the node count; "0,0": off
+  int ec_port = 0;   // 0: derived from the run name
   int64_t fail_at_step = 0;
   int fail_rank = 0;
   parallel::DpTrainOptions o;
@@ -68,6 +75,15 @@ uint64_t ModelFingerprint(const runtime::LlamaConfig& config, const memory::Para
   uint64_t h = 1469598103934665603ULL;  // FNV-1a 64
   for (unsigned char c : key) h = (h ^ c) * 1099511628211ULL;
   return h;
+}
+
+// The TCP port every node's snapshotd serves its peers on: derived from the run name so that a
+// relaunch (and a snapshotd that outlived the trainer) agree on it without any exchange. In
+// [20000, 32000): below Linux's ephemeral range, so outgoing connections never hold it.
+int EcPortOf(const std::string& run) {
+  uint64_t h = 1469598103934665603ULL;  // FNV-1a 64
+  for (unsigned char c : run) h = (h ^ c) * 1099511628211ULL;
+  return 20000 + static_cast<int>(h % 12000);
 }
 
 std::string Bytes(double b) {
@@ -175,6 +191,27 @@ int RunTrain(TrainArgs a) {
   }
   if (a.resume == "auto" && a.snapshot_every <= 0 && a.snapshot_dir.empty()) {
     return fail(Status::InvalidArgument("--resume auto needs snapshots (--snapshot-every > 0)"));
+  }
+  int ec_k = -1, ec_m = -1;  // -1: DefaultEcGroup of the node count
+  if (!a.ec.empty()) {
+    char extra = 0;
+    if (std::sscanf(a.ec.c_str(), "%d,%d%c", &ec_k, &ec_m, &extra) != 2 || ec_k < 0 || ec_m < 0 ||
+        (ec_k == 0) != (ec_m == 0)) {
+      return fail(Status::InvalidArgument(
+          fmt::format("--ec wants k,m with k, m >= 1 (e.g. 2,1), or 0,0 for no erasure coding; "
+                      "got '{}'", a.ec)));
+    }
+  }
+  const comm::Topology& topo = comm.topology();
+  if (topo.num_nodes > 1 && ec_k < 0) std::tie(ec_k, ec_m) = checkpoint::DefaultEcGroup(topo.num_nodes);
+  if (topo.num_nodes > 1 && ec_k > 0 && topo.num_nodes % (ec_k + ec_m) != 0) {
+    return fail(Status::InvalidArgument(fmt::format(
+        "--ec {},{} does not fit the {} nodes of this job: groups of k + m = {} nodes must "
+        "divide the node count (--ec 0,0: no erasure coding)",
+        ec_k, ec_m, topo.num_nodes, ec_k + ec_m)));
+  }
+  if (a.ec_port < 0 || a.ec_port > 65535) {
+    return fail(Status::InvalidArgument("--ec-port must be in 0..65535"));
   }
   if (a.stage == "copy") {
     a.o.stage = runtime::StageMode::kCopy;
@@ -305,6 +342,62 @@ int RunTrain(TrainArgs a) {
     sopt.persist_dir = a.snapshot_dir;
     sopt.persist_every = a.persist_every;
     sopt.local_ranks = local_ranks;
+    if (topo.num_nodes > 1) {
+      // Several nodes. Every rank says where its node's snapshotd would listen for the other
+      // nodes' (the address of the interface the job's traffic uses: STRATA_TCP_IFNAME, as for
+      // the tcp transport) and which kernel it runs on; a node's entry is its lowest rank's.
+      struct NodeInfo {
+        char addr[64];
+        char boot_id[64];
+      } mine{};
+      StatusOr<std::string> addr =
+          comm::tcp::ResolveInterfaceAddress(EnvString("STRATA_TCP_IFNAME"), false);
+      if (!addr.ok() && ec_k > 0) {
+        return abort_all(addr.status().WithContext("address for the snapshotd peers"));
+      }
+      std::snprintf(mine.addr, sizeof(mine.addr), "%s", addr.ok() ? addr->c_str() : "");
+      std::ifstream("/proc/sys/kernel/random/boot_id").getline(mine.boot_id, sizeof(mine.boot_id));
+      std::vector<NodeInfo> all(static_cast<size_t>(size));
+      if (Status g = comm.Allgather(&mine, all.data(), sizeof(mine)); !g.ok()) return abort_all(g);
+      std::vector<const NodeInfo*> node_info(static_cast<size_t>(topo.num_nodes), nullptr);
+      for (int r = 0; r < size; ++r) {
+        const NodeInfo*& n = node_info[static_cast<size_t>(topo.node_of_rank[static_cast<size_t>(r)])];
+        if (n == nullptr) n = &all[static_cast<size_t>(r)];
+      }
+      // "Nodes" that share one kernel (network namespaces or containers on one machine) share
+      // /tmp and /dev/shm too: then each node's snapshotd gets its own socket and shared-memory
+      // names. Real machines keep the plain names (a snapshotd started by a Slurm step is found).
+      bool shared_kernel = false;
+      for (int i = 0; i < topo.num_nodes; ++i) {
+        for (int j = i + 1; j < topo.num_nodes; ++j) {
+          shared_kernel = shared_kernel || std::string(node_info[static_cast<size_t>(i)]->boot_id) ==
+                                               node_info[static_cast<size_t>(j)]->boot_id;
+        }
+      }
+      sopt.node = topo.node;
+      if (shared_kernel) sopt.node_tag = fmt::format("n{}", topo.node);
+      // A shared --snapshot-dir (the usual case on a cluster file system) gets a folder per node.
+      if (!sopt.persist_dir.empty()) {
+        sopt.persist_dir = (fs::path(sopt.persist_dir) / fmt::format("node{}", topo.node)).string();
+      }
+      // Each node persists in the background, and one whose writer is slow can be two persisted
+      // versions behind another when the job dies (its slots stay pinned until the write is
+      // done, which stalls it no further). Keeping four leaves a disk version every node holds.
+      sopt.persist_keep = 4;
+      if (ec_k > 0) {
+        const int port = a.ec_port > 0 ? a.ec_port : EcPortOf(sopt.run);
+        for (const NodeInfo* n : node_info) sopt.peers.push_back(fmt::format("{}:{}", n->addr, port));
+        sopt.ec_k = ec_k;
+        sopt.ec_m = ec_m;
+        if (rank == 0) {
+          std::fprintf(stderr,
+                       "strata train: %d nodes; snapshots erasure-coded in groups of %d+%d (any "
+                       "%d lost node%s of a group rebuilt from the others); snapshotd peers %s\n",
+                       topo.num_nodes, ec_k, ec_m, ec_m, ec_m == 1 ? "" : "s",
+                       fmt::format("{}", fmt::join(sopt.peers, ",")).c_str());
+        }
+      }
+    }
     sopt.strata_binary = "/proc/self/exe";
     char exe[4096];
     const ssize_t len = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
@@ -317,26 +410,15 @@ int RunTrain(TrainArgs a) {
     // register: ask for the newest version only once every rank has.
     if (Status b = comm.Barrier(); !b.ok()) return abort_all(b);
     const uint64_t t_restore = NowNs();
-    StatusOr<ResumeInfo> r = snap->Resume();
+    StatusOr<JobResume> r = AgreeOnResume(*snap, comm, !a.snapshot_dir.empty());
     if (!r.ok()) return abort_all(r.status());
-    // Every rank must resume from the same step (ranks on other nodes ask other snapshotds).
-    std::vector<int64_t> steps(static_cast<size_t>(size));
-    if (Status g = comm.Allgather(&r->step, steps.data(), sizeof(int64_t)); !g.ok()) {
-      return abort_all(g);
-    }
-    for (int64_t other : steps) {
-      if (other != steps[0]) {
-        return abort_all(Status::DataLoss(fmt::format(
-            "run '{}': ranks hold snapshots of different steps ({}, by rank); cannot resume "
-            "consistently", sopt.run, fmt::join(steps, ", "))));
-      }
-    }
     if (r->step > 0 && a.resume != "auto") {
       return fail(Status::FailedPrecondition(fmt::format(
           "run '{}' has a committed snapshot of step {}: pass --resume auto to continue it, or "
           "--run NAME to start another run", sopt.run, r->step)));
     }
     if (r->step > 0) {
+      if (Status l = snap->Load(); !l.ok()) return abort_all(l);
       if (Status g = tr.GatherWeights(); !g.ok()) return abort_all(g);
       first_step = r->step + 1;
       if (rank == 0) {
@@ -347,6 +429,9 @@ int RunTrain(TrainArgs a) {
                      sopt.run.c_str(), static_cast<long long>(r->step), r->source.c_str(),
                      Bytes(static_cast<double>(state)).c_str(),
                      static_cast<double>(NowNs() - t_restore) / 1e9);
+        for (const std::string& remark : r->remarks) {
+          std::fprintf(stderr, "strata train: %s\n", remark.c_str());
+        }
       }
     } else if (rank == 0 && a.resume == "auto") {
       std::fprintf(stderr, "strata train: run '%s' has no snapshot yet; starting at step 1\n",
@@ -523,8 +608,19 @@ void AddTrainCommand(CLI::App& root, std::vector<Command>& commands) {
                   "persist every N-th snapshot to --snapshot-dir, in the background")
       ->capture_default_str();
   app->add_option("--resume", a->resume,
-                  "never, or auto: continue the run from its newest committed snapshot (the "
-                  "node's snapshotd after a crash, else disk) and say which")
+                  "never, or auto: continue the run from its newest committed snapshot and say "
+                  "where it came from: the nodes' snapshotd memory after a crash, a lost node's "
+                  "state rebuilt by erasure decoding from the surviving nodes, else disk (with "
+                  "the reason)")
+      ->capture_default_str();
+  app->add_option("--ec", a->ec,
+                  "k,m: a job on several nodes erasure-codes every snapshot across groups of "
+                  "k + m nodes, so any m lost nodes of a group are rebuilt from the others "
+                  "(default from the node count: 2 -> 1,1; 3 -> 2,1; 4..8 -> n-2,2; more: "
+                  "groups of 4..8 with m=2; 0,0: node-local snapshots only)");
+  app->add_option("--ec-port", a->ec_port,
+                  "TCP port the nodes' snapshotds exchange snapshot data on, on the interface "
+                  "of STRATA_TCP_IFNAME (0: derived from the run name)")
       ->capture_default_str();
   app->add_option("--fail-at-step", a->fail_at_step,
                   "fault injection: --fail-rank kills itself (SIGKILL) after this step")

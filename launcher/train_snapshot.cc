@@ -1,14 +1,21 @@
 #include "launcher/train_snapshot.h"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <functional>
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "base/clock.h"
 #include "base/logging.h"
+#include "checkpoint/snapshot_wire.h"
 #include "checkpoint/snapshotd.h"
 
 namespace strata::launcher {
@@ -29,6 +36,34 @@ struct TrainSnapshotState {
 };
 
 size_t Align(size_t x) { return (x + 4095) / 4096 * 4096; }
+
+// What one rank found to resume from; fixed size for Allgather.
+struct ResumeReport {
+  int64_t step;
+  int32_t from;  // ResumeSource
+  int32_t rebuilt_from_nodes;
+  char note[496];
+};
+
+std::string NodeList(const std::vector<int>& nodes) {
+  return fmt::format("node{} {}", nodes.size() == 1 ? "" : "s", fmt::join(nodes, ","));
+}
+
+// The nodes (each represented by its lowest rank) whose report satisfies `pred`.
+template <class Pred>
+std::vector<int> NodesWhere(const std::vector<ResumeReport>& reports, const comm::Topology& topo,
+                            Pred pred) {
+  std::vector<int> nodes;
+  for (size_t r = 0; r < reports.size(); ++r) {
+    const int node = topo.node_of_rank[r];
+    if (pred(reports[r]) && std::find(nodes.begin(), nodes.end(), node) == nodes.end()) {
+      nodes.push_back(node);
+    }
+  }
+  return nodes;
+}
+
+ResumeSource From(const ResumeReport& r) { return static_cast<ResumeSource>(r.from); }
 
 }  // namespace
 
@@ -60,16 +95,60 @@ TrainSnapshotter::~TrainSnapshotter() {
   if (inflight_.valid()) inflight_.wait();
 }
 
-Status TrainSnapshotter::Reconnect() {
+checkpoint::SnapshotdOptions TrainSnapshotter::DaemonOptions() const {
   checkpoint::SnapshotdOptions so;
   so.run = opts_.run;
   so.persist_dir = opts_.persist_dir;
   so.persist_every = opts_.persist_every;
+  so.persist_keep = opts_.persist_keep;
   so.expected_local_ranks = opts_.local_ranks;
+  so.idle_timeout_s = opts_.idle_timeout_s;
+  if (!opts_.node_tag.empty()) {
+    so.shm_tag = opts_.node_tag;
+    so.socket_path = checkpoint::DefaultSocketPath(opts_.run + "." + opts_.node_tag);
+  }
+  if (opts_.peers.size() > 1) {
+    so.peers = opts_.peers;
+    so.node = opts_.node;
+    so.ec_k = opts_.ec_k;
+    so.ec_m = opts_.ec_m;
+  }
+  return so;
+}
+
+Status TrainSnapshotter::Reconnect() {
+  const checkpoint::SnapshotdOptions so = DaemonOptions();
+  client_.reset();  // unmaps the old slots first (a replaced snapshotd hands out new ones)
   STRATA_RETURN_IF_ERROR(checkpoint::EnsureSnapshotd(so, opts_.strata_binary));
   STRATA_ASSIGN_OR_RETURN(client_,
                           checkpoint::SnapshotClient::Connect(checkpoint::SnapshotdSocketPath(so)));
   return client_->Register(rank_, world_, bytes_);
+}
+
+Status TrainSnapshotter::DiscardNodeMemory() {
+  STRATA_RETURN_IF_ERROR(Fence());
+  STRATA_ASSIGN_OR_RETURN(int pid, client_->Ping());
+  STRATA_RETURN_IF_ERROR(client_->Finish());
+  client_.reset();
+  // It is not our child (EnsureSnapshotd double-forks), so there is nothing to reap: gone is
+  // no /proc entry, or a zombie (an init that does not reap promptly). Waiting matters: a new
+  // snapshotd cannot take the socket lock or the peer port before this one released them.
+  const int64_t deadline = NowNs() + 10'000'000'000;
+  for (;;) {
+    std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+    std::string line;
+    if (!std::getline(stat, line)) return Status::OK();
+    const size_t paren = line.rfind(')');
+    if (paren != std::string::npos && paren + 2 < line.size() &&
+        (line[paren + 2] == 'Z' || line[paren + 2] == 'X')) {
+      return Status::OK();
+    }
+    if (NowNs() > deadline) {
+      return Status::DeadlineExceeded(fmt::format(
+          "snapshotd of run '{}' (pid {}) did not exit within 10 s of Finish", opts_.run, pid));
+    }
+    ::usleep(10000);
+  }
 }
 
 Status TrainSnapshotter::Snapshot(int64_t step) {
@@ -125,9 +204,11 @@ Status TrainSnapshotter::Fence() {
   return inflight_.get();
 }
 
-StatusOr<ResumeInfo> TrainSnapshotter::Resume() {
+StatusOr<ResumeInfo> TrainSnapshotter::Probe(int64_t max_disk_version) {
   ResumeInfo info;
-  STRATA_ASSIGN_OR_RETURN(checkpoint::LatestInfo latest, client_->Latest());
+  STRATA_ASSIGN_OR_RETURN(probed_, client_->Latest(max_disk_version));
+  const checkpoint::LatestInfo& latest = probed_;
+  info.note = latest.note;
   if (!latest.found) return info;
   TrainSnapshotState st{};
   STRATA_RETURN_IF_ERROR(client_->ReadLatest(latest, {{"state", &st, sizeof(st)}}));
@@ -139,19 +220,159 @@ StatusOr<ResumeInfo> TrainSnapshotter::Resume() {
         "or rank count (this launch: {} ranks); use another --run name or the same settings",
         opts_.run, st.step, st.world, world_));
   }
-  const size_t slice = store_->slice_size() * sizeof(float);
-  STRATA_RETURN_IF_ERROR(client_->ReadLatest(
-      latest, {{"weights", store_->weights() + store_->slice_begin(), slice},
-               {"adam_m", store_->moment1(), slice},
-               {"adam_v", store_->moment2(), slice}}));
   info.step = latest.version;
-  info.source = latest.from_disk ? "disk (" + latest.disk_dir + ")" : "snapshotd memory";
+  info.parity_protected = latest.parity_protected;
+  if (latest.from_disk) {
+    info.from = ResumeSource::kDisk;
+    info.source = "disk (" + latest.disk_dir + ")";
+  } else if (latest.rebuilt) {
+    info.from = ResumeSource::kRebuilt;
+    info.rebuilt_from_nodes = latest.rebuilt_from_nodes;
+    info.source = fmt::format("rebuilt by erasure decoding from {} surviving nodes",
+                              latest.rebuilt_from_nodes);
+  } else {
+    info.from = ResumeSource::kMemory;
+    info.source = "snapshotd memory";
+  }
   return info;
+}
+
+Status TrainSnapshotter::Load() {
+  const size_t slice = store_->slice_size() * sizeof(float);
+  return client_->ReadLatest(probed_,
+                             {{"weights", store_->weights() + store_->slice_begin(), slice},
+                              {"adam_m", store_->moment1(), slice},
+                              {"adam_v", store_->moment2(), slice}});
 }
 
 Status TrainSnapshotter::Finish() {
   STRATA_RETURN_IF_ERROR(Fence());
   return client_->Finish();
+}
+
+StatusOr<JobResume> AgreeOnResume(TrainSnapshotter& snap, comm::Communicator& comm,
+                                  bool have_disk) {
+  const comm::Topology& topo = comm.topology();
+  std::vector<ResumeReport> reports(static_cast<size_t>(comm.size()));
+  ResumeInfo mine;
+  std::string disk_reason;
+  bool discarded = false;
+  int64_t max_disk = 0;
+  for (int attempt = 0;; ++attempt) {
+    STRATA_ASSIGN_OR_RETURN(mine, snap.Probe(max_disk));
+    ResumeReport report{};
+    report.step = mine.step;
+    report.from = static_cast<int32_t>(mine.from);
+    report.rebuilt_from_nodes = mine.rebuilt_from_nodes;
+    std::snprintf(report.note, sizeof(report.note), "%s", mine.note.c_str());
+    STRATA_RETURN_IF_ERROR(comm.Allgather(&report, reports.data(), sizeof(report)));
+    bool same = true, any_disk = false, any_memory = false;
+    for (const ResumeReport& o : reports) {
+      same = same && o.step == reports[0].step;
+      any_disk = any_disk || From(o) == ResumeSource::kDisk;
+      any_memory = any_memory || From(o) == ResumeSource::kMemory || From(o) == ResumeSource::kRebuilt;
+    }
+    if (same) break;
+    // Nodes group-commit a version independently: for the moment a message is in flight two
+    // snapshotds may report different newest versions. Give that a few seconds to settle.
+    if (!any_disk && attempt < 20) {
+      ::usleep(250000);
+      continue;
+    }
+    // Some node's memory is gone beyond what erasure coding rebuilds (more than m nodes of its
+    // group lost): the others' newer versions in memory can never be completed for it. Every
+    // node drops its memory and the job resumes from a disk version all nodes have.
+    if (!discarded && have_disk) {
+      const std::vector<int> lost = NodesWhere(reports, topo, [](const ResumeReport& o) {
+        return From(o) == ResumeSource::kDisk || From(o) == ResumeSource::kNone;
+      });
+      std::string why;
+      for (size_t r = 0; r < reports.size() && why.empty(); ++r) {
+        if (From(reports[r]) == ResumeSource::kDisk || From(reports[r]) == ResumeSource::kNone) {
+          why = reports[r].note;
+        }
+      }
+      disk_reason = fmt::format("{} lost {} snapshot memory{}", NodeList(lost),
+                                lost.size() == 1 ? "its" : "their",
+                                why.empty() ? "" : " and it could not be rebuilt (" + why + ")");
+      if (any_memory) disk_reason += "; the other nodes' newer versions in memory were dropped";
+      if (topo.local_rank == 0) STRATA_RETURN_IF_ERROR(snap.DiscardNodeMemory());
+      STRATA_RETURN_IF_ERROR(comm.Barrier());
+      STRATA_RETURN_IF_ERROR(snap.Reconnect());
+      STRATA_RETURN_IF_ERROR(comm.Barrier());
+      discarded = true;
+      continue;
+    }
+    // All from disk, but the nodes' newest complete versions differ (one was still writing when
+    // the job died): take the newest one every node has.
+    int64_t lowest = reports[0].step;
+    for (const ResumeReport& o : reports) lowest = std::min(lowest, o.step);
+    if (max_disk == 0 && lowest > 0 && !any_memory) {
+      max_disk = lowest;
+      continue;
+    }
+    std::vector<std::string> seen;
+    const char* kinds[] = {"nothing", "memory", "rebuilt", "disk"};
+    for (size_t r = 0; r < reports.size(); ++r) {
+      seen.push_back(fmt::format("rank {}: step {} from {}", r, reports[r].step,
+                                 kinds[reports[r].from & 3]));
+    }
+    return Status::DataLoss(fmt::format(
+        "the ranks cannot agree on a snapshot to resume from ({}){}", fmt::join(seen, "; "),
+        have_disk ? "" : "; --snapshot-dir with --persist-every gives them a common disk version"));
+  }
+
+  JobResume job;
+  job.step = mine.step;
+  job.source = mine.source;
+  if (job.step == 0) return job;
+  // Where each node's state came from (a node's lowest rank speaks for it).
+  auto nodes_from = [&](ResumeSource from) {
+    return NodesWhere(reports, topo, [from](const ResumeReport& o) { return From(o) == from; });
+  };
+  const std::vector<int> memory = nodes_from(ResumeSource::kMemory);
+  const std::vector<int> rebuilt = nodes_from(ResumeSource::kRebuilt);
+  const std::vector<int> disk = nodes_from(ResumeSource::kDisk);
+  std::vector<std::string> parts;
+  if (!rebuilt.empty()) {
+    int from_nodes = 0;
+    for (const ResumeReport& o : reports) {
+      if (From(o) != ResumeSource::kRebuilt) continue;
+      from_nodes = o.rebuilt_from_nodes;
+      if (std::find(job.remarks.begin(), job.remarks.end(), o.note) == job.remarks.end()) {
+        job.remarks.push_back(o.note);
+      }
+    }
+    parts.push_back(fmt::format("{} rebuilt by erasure decoding from {} surviving nodes",
+                                NodeList(rebuilt), from_nodes));
+  }
+  if (!memory.empty()) {
+    parts.push_back(memory.size() == static_cast<size_t>(topo.num_nodes)
+                        ? (topo.num_nodes == 1
+                               ? std::string("snapshotd memory")
+                               : fmt::format("snapshotd memory on all {} nodes", topo.num_nodes))
+                        : NodeList(memory) + " from snapshotd memory");
+  }
+  if (!disk.empty()) {
+    parts.push_back(disk.size() == static_cast<size_t>(topo.num_nodes) ? mine.source
+                                                                       : NodeList(disk) + " from disk");
+    // Nodes may come back from disk at the same step the others hold in memory (the version was
+    // persisted too): then nothing was discarded, but say why those nodes used the disk.
+    if (disk_reason.empty() && disk.size() < static_cast<size_t>(topo.num_nodes)) {
+      std::string why;
+      for (const ResumeReport& o : reports) {
+        if (From(o) == ResumeSource::kDisk && why.empty()) why = o.note;
+      }
+      disk_reason = fmt::format("{} lost {} snapshot memory{}", NodeList(disk),
+                                disk.size() == 1 ? "its" : "their",
+                                why.empty() ? "" : " and it could not be rebuilt (" + why + ")");
+    }
+    std::string why = disk_reason;
+    if (why.empty()) why = reports[0].note[0] != '\0' ? reports[0].note : "no node had it in memory";
+    job.remarks.push_back("resumed from disk because " + why);
+  }
+  job.source = fmt::format("{}", fmt::join(parts, ", "));
+  return job;
 }
 
 }  // namespace strata::launcher

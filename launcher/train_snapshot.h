@@ -17,9 +17,12 @@
 #include <future>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "base/status.h"
 #include "checkpoint/snapshot_client.h"
+#include "checkpoint/snapshotd.h"
+#include "comm/communicator.h"
 #include "memory/param_store.h"
 
 namespace strata::launcher {
@@ -29,13 +32,31 @@ struct TrainSnapshotOptions {
   int every = 1;              // snapshot every N steps
   std::string persist_dir;    // snapshotd writes every persist_every-th version here; empty: none
   int persist_every = 0;
+  int persist_keep = 2;       // complete versions snapshotd keeps on disk
   int local_ranks = 1;        // ranks of this job on this node (a version commits when all did)
   std::string strata_binary;  // to start snapshotd when none runs
+  double idle_timeout_s = 600;  // snapshotd exits after this long without a connected rank
+
+  // A job on several nodes: the snapshotds erasure-code each other's versions (snapshot_ec.h).
+  // Every rank of the job passes the same peers; empty (or one entry): node-local only.
+  std::vector<std::string> peers;  // host:port of every node's snapshotd, node order
+  int node = 0;                    // this rank's node (index into peers)
+  int ec_k = 0, ec_m = 0;          // group of k + m nodes; 0,0: DefaultEcGroup(peers.size())
+  // Names this node's snapshotd socket and shared memory apart from other nodes' (several
+  // "nodes" on one machine share /tmp and /dev/shm); empty: the run name alone.
+  std::string node_tag;
 };
+
+// Where a resume's state comes from, for this rank's node.
+enum class ResumeSource { kNone, kMemory, kRebuilt, kDisk };
 
 struct ResumeInfo {
   int64_t step = 0;        // the restored state is the one after this step; 0: nothing restored
-  std::string source;      // "snapshotd memory", "disk (…)"
+  ResumeSource from = ResumeSource::kNone;
+  std::string source;      // "snapshotd memory", "disk (…)", "erasure decoding …"
+  std::string note;        // snapshotd's remark (how it rebuilt, why it used the disk)
+  int rebuilt_from_nodes = 0;  // kRebuilt: surviving nodes decoded from
+  bool parity_protected = false;
 };
 
 class TrainSnapshotter {
@@ -51,12 +72,22 @@ class TrainSnapshotter {
   Status AfterStep(int64_t step);
   // Waits for the snapshot in flight (if any) and returns its status.
   Status Fence();
-  // Restores this rank's slice of weights and moments from the newest committed version (the
-  // caller then all-gathers the weights). step 0 when there is nothing to resume from.
-  // FailedPrecondition when the snapshot belongs to a different model, data seed or rank count.
-  StatusOr<ResumeInfo> Resume();
+  // Finds the newest committed version this rank can resume from (snapshotd memory, a rebuild
+  // from the other nodes, or disk not newer than max_disk_version when that is > 0) and checks
+  // it belongs to this run: FailedPrecondition when it was taken with a different model, data
+  // seed or rank count. step 0 when there is nothing to resume from. Nothing is restored yet.
+  StatusOr<ResumeInfo> Probe(int64_t max_disk_version = 0);
+  // Restores this rank's slice of weights and moments from the version the last Probe found
+  // (the caller then all-gathers the weights).
+  Status Load();
   // The job is done (rank 0): snapshotd removes its memory and exits.
   Status Finish();
+  // One rank per node: makes the node's snapshotd drop its memory (Finish) and waits until the
+  // process is gone, so that Reconnect() starts an empty one. For a job whose nodes cannot all
+  // resume from memory: they then agree on a disk version.
+  Status DiscardNodeMemory();
+  // Starts (or finds) snapshotd, connects and registers this rank.
+  Status Reconnect();
   int64_t snapshots() const { return snapshots_; }
   // Times a dead snapshotd was replaced during the run.
   int reconnects() const { return reconnects_; }
@@ -65,8 +96,7 @@ class TrainSnapshotter {
  private:
   TrainSnapshotter() = default;
   Status Snapshot(int64_t step);
-  // Starts (or finds) snapshotd, connects and registers this rank.
-  Status Reconnect();
+  checkpoint::SnapshotdOptions DaemonOptions() const;
 
   TrainSnapshotOptions opts_;
   memory::ParamStore* store_ = nullptr;
@@ -74,11 +104,29 @@ class TrainSnapshotter {
   uint64_t fingerprint_ = 0, seed_ = 0;
   std::unique_ptr<checkpoint::SnapshotClient> client_;
   std::future<Status> inflight_;
+  checkpoint::LatestInfo probed_;  // what Probe found, for Load
   size_t bytes_ = 0;
   int64_t snapshots_ = 0;
   int reconnects_ = 0;
   uint64_t copy_ns_ = 0;
 };
+
+// Where a whole job resumes from, agreed by every rank.
+struct JobResume {
+  int64_t step = 0;  // 0: nothing to resume (a fresh run)
+  std::string source;  // for rank 0's report: "snapshotd memory", "node 1 rebuilt by ...", ...
+  std::vector<std::string> remarks;  // further lines for the report (how it rebuilt, why disk)
+};
+
+// Collective over `comm` (after every rank's Start): every rank Probes its node's snapshotd and
+// the ranks agree on one step to resume from. Nodes may answer differently: a lost node's
+// snapshotd rebuilds its version by erasure decoding, and when it cannot (more than m nodes of
+// its group gone) it answers from disk while the survivors answer from memory. Then, with
+// `have_disk`, every node drops its memory (DiscardNodeMemory) and all resume from the newest
+// disk version every node holds. DataLoss when the ranks cannot agree. Nothing is restored yet:
+// the caller calls Load() on the agreed version.
+StatusOr<JobResume> AgreeOnResume(TrainSnapshotter& snap, comm::Communicator& comm,
+                                  bool have_disk);
 
 // The default run name: $SLURM_JOB_NAME, else one derived from the model and data paths.
 std::string DefaultRunName(const std::string& model_or_config, const std::string& data);
