@@ -9,11 +9,17 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "checkpoint/snapshot_client.h"
+#include "checkpoint/snapshot_wire.h"
 #include "checkpoint/snapshotd.h"
 #include "launcher/commands.h"
 
@@ -26,6 +32,7 @@ struct ChaosArgs {
   int rank = 0;
   std::string section = "weights";
   uint64_t byte = 0;
+  std::string shm_tag;
 };
 
 StatusOr<std::unique_ptr<checkpoint::SnapshotClient>> ConnectTo(const ChaosArgs& a) {
@@ -86,6 +93,101 @@ Status CorruptSnapshot(const ChaosArgs& a) {
                                       "node", a.run, a.rank));
 }
 
+// A process's argv, from /proc (empty when it is gone or not ours to read).
+std::vector<std::string> ProcArgs(const std::string& pid) {
+  std::ifstream f("/proc/" + pid + "/cmdline", std::ios::binary);
+  const std::string all((std::istreambuf_iterator<char>(f)), {});
+  std::vector<std::string> args;
+  size_t start = 0;
+  while (start < all.size()) {
+    const size_t end = std::min(all.find('\0', start), all.size());
+    args.push_back(all.substr(start, end - start));
+    start = end + 1;
+  }
+  return args;
+}
+
+std::string FlagValue(const std::vector<std::string>& args, const std::string& flag) {
+  for (size_t i = 0; i + 1 < args.size(); ++i) {
+    if (args[i] == flag) return args[i + 1];
+  }
+  for (const std::string& a : args) {
+    if (a.rfind(flag + "=", 0) == 0) return a.substr(flag.size() + 1);
+  }
+  return "";
+}
+
+// A whole node goes down: every process of the run on it (trainer ranks and snapshotd) dies at
+// once and its memory is gone. "On it" is this network namespace: on a real machine that is
+// every process; with scripts/netns-cluster.sh it is one emulated node (run this under
+// `ip netns exec`). The snapshotd's shared memory (its slots and erasure-coding parity) is
+// removed, as a reboot would.
+Status KillNode(const ChaosArgs& a) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path my_net = fs::read_symlink("/proc/self/ns/net", ec);
+  if (ec) return Status::IOError("readlink /proc/self/ns/net: " + ec.message());
+  const std::string self = std::to_string(::getpid());
+  std::vector<std::pair<int, std::string>> victims;  // pid, what
+  std::vector<std::string> tags, sockets;
+  for (const auto& e : fs::directory_iterator("/proc", ec)) {
+    const std::string pid = e.path().filename().string();
+    if (pid.empty() || pid.find_first_not_of("0123456789") != std::string::npos || pid == self) {
+      continue;
+    }
+    std::error_code e2;
+    if (fs::read_symlink(e.path() / "ns" / "net", e2) != my_net || e2) continue;
+    const std::vector<std::string> args = ProcArgs(pid);
+    if (args.size() < 2 || fs::path(args[0]).filename().string().rfind("strata", 0) != 0) continue;
+    if ((args[1] != "train" && args[1] != "snapshotd") || FlagValue(args, "--run") != a.run) {
+      continue;
+    }
+    if (args[1] == "snapshotd") {
+      tags.push_back(FlagValue(args, "--shm-tag"));
+      sockets.push_back(FlagValue(args, "--socket"));
+    }
+    victims.push_back({std::stoi(pid), args[1]});
+  }
+  // All at once, so no survivor on this node reacts to another's death.
+  for (const auto& [pid, what] : victims) ::kill(pid, SIGKILL);
+  for (const auto& [pid, what] : victims) {
+    for (int i = 0; i < 500; ++i) {
+      std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+      std::string line;
+      if (!std::getline(stat, line)) break;
+      const size_t paren = line.rfind(')');
+      if (paren != std::string::npos && paren + 2 < line.size() &&
+          (line[paren + 2] == 'Z' || line[paren + 2] == 'X')) {
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+  if (!a.shm_tag.empty()) tags.push_back(a.shm_tag);
+  if (tags.empty()) tags.push_back("");  // a node-local run: shm names carry the run alone
+  int removed = 0;
+  for (const std::string& tag : tags) {
+    const std::string shm_run = checkpoint::SanitizeRunName(tag.empty() ? a.run : a.run + "." + tag);
+    for (const auto& e : fs::directory_iterator("/dev/shm", ec)) {
+      const std::string name = e.path().filename().string();
+      if (name.rfind("strata-snap-" + shm_run + "-r", 0) == 0 ||
+          name.rfind("strata-ec-" + shm_run + "-n", 0) == 0) {
+        std::error_code e3;
+        if (fs::remove(e.path(), e3)) ++removed;
+      }
+    }
+  }
+  for (const std::string& sock : sockets) {
+    if (!sock.empty()) fs::remove(sock, ec);
+  }
+  std::string what;
+  for (const auto& [pid, w] : victims) what += fmt::format("{}{} {}", what.empty() ? "" : ", ", w, pid);
+  std::printf("strata chaos: node down for run '%s': killed %zu process(es) (%s) with SIGKILL, "
+              "removed %d shared-memory object(s)\n",
+              a.run.c_str(), victims.size(), what.empty() ? "none running" : what.c_str(), removed);
+  return Status::OK();
+}
+
 }  // namespace
 
 void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
@@ -103,6 +205,25 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   k->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
   commands.push_back({k, [a] {
                         Status st = KillSnapshotd(*a);
+                        if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
+                        return st.ok() ? 0 : 1;
+                      }});
+  CLI::App* n = chaos->add_subcommand(
+      "kill-node",
+      "Take this node down for a run: SIGKILL every strata process of the run here (its "
+      "training ranks and its snapshotd, matched by --run) at once and remove the snapshotd's "
+      "shared memory, as a crash and reboot would. 'Here' is this network namespace, so with "
+      "scripts/netns-cluster.sh run it as `ip netns exec strata-h2 strata chaos kill-node "
+      "--run R`. The job fails; a relaunch with --resume auto rebuilds the node's snapshot from "
+      "the other nodes' data and parity (strata train --ec), or falls back to disk when more "
+      "nodes of a group are gone than it has parity for.");
+  n->add_option("--run", a->run, "run name (strata train --run; the ranks must have it)")
+      ->required();
+  n->add_option("--shm-tag", a->shm_tag,
+                "also remove shared memory of this tag when no snapshotd is running "
+                "(strata train uses n<node index> on jobs of several nodes)");
+  commands.push_back({n, [a] {
+                        Status st = KillNode(*a);
                         if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
                         return st.ok() ? 0 : 1;
                       }});
