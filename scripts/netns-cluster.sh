@@ -14,12 +14,14 @@
 #   scripts/netns-cluster.sh down 4
 # netem is not available on every kernel, so link latency is emulated by the tcp transport
 # instead: STRATA_LINK_DELAY_US=1000 (reported as EMULATED in results). Needs root.
+# STRATA_NETNS_PREFIX (default strata-h) and STRATA_NETNS_STATE name the nodes and the state
+# folder, so that a test can run its own cluster next to someone else's.
 set -euo pipefail
 STATE="${STRATA_NETNS_STATE:-/tmp/strata-netns}"
-PREFIX=strata-h
-SWITCH=strata-sw
+PREFIX="${STRATA_NETNS_PREFIX:-strata-h}"
+if [[ "$PREFIX" == strata-h ]]; then SWITCH=strata-sw; else SWITCH="${PREFIX}sw"; fi
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 2 ]] || usage
 cmd="$1"; n="$2"; shift 2
 [[ "$n" =~ ^[0-9]+$ && "$n" -ge 1 && "$n" -le 200 ]] || { echo "N must be 1..200" >&2; exit 2; }

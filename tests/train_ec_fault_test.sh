@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Node loss on a job of 3 "nodes" (network namespaces, scripts/netns-cluster.sh), 2 ranks each,
+# snapshots erasure-coded across the nodes (strata train's default for 3 nodes: k=2, m=1). Each
+# scenario takes whole nodes down in the middle of training (strata chaos kill-node: every
+# process of the run in the namespace, its snapshotd included, and its shared memory), relaunches
+# with --resume auto and checks the loss of every later step and the saved model byte for byte
+# against an unbroken run:
+#  1. one node lost: its snapshot is rebuilt by erasure decoding from the 2 surviving nodes;
+#  2. two nodes lost (more than m): the relaunch falls back to the version persisted on disk,
+#     and says why.
+# Exits 77 (CTest: skipped) when network namespaces cannot be created here.
+#   train_ec_fault_test.sh STRATA_BINARY SOURCE_DIR
+set -euo pipefail
+STRATA="$1"; SRC="$2"
+NODES=3; SLOTS=2; STEPS=150
+TAG="ec$$"
+export STRATA_NETNS_PREFIX="$TAG-h" STRATA_NETNS_STATE="/tmp/strata-netns-$TAG"
+CLUSTER="$SRC/scripts/netns-cluster.sh"
+WORK="$(mktemp -d /tmp/strata-train-ec-fault-XXXXXX)"
+RUNS=("$TAG-a" "$TAG-b")
+BG=""  # pid of a launch running in the background
+
+cleanup() {
+  set +e
+  if [[ -n "$BG" ]]; then kill "$BG" 2> /dev/null; wait "$BG" 2> /dev/null; fi
+  if [[ -d "$STRATA_NETNS_STATE" ]]; then
+    for i in $(seq 1 $NODES); do
+      for run in "${RUNS[@]}"; do
+        ip netns exec "$STRATA_NETNS_PREFIX$i" "$STRATA" chaos kill-node --run "$run" \
+          --shm-tag "n$((i - 1))" > /dev/null 2>&1
+      done
+    done
+    "$CLUSTER" down $NODES > /dev/null 2>&1
+  fi
+  for run in "${RUNS[@]}"; do rm -f /tmp/strata-snapshotd-"$run".*; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+if [[ $(id -u) -ne 0 ]] || ! ip netns add "$TAG-probe" 2> /dev/null; then
+  echo "train_ec_fault_test: cannot create network namespaces here (needs root and iproute2); skipped"
+  exit 77
+fi
+ip netns del "$TAG-probe"
+"$CLUSTER" up $NODES > /dev/null
+
+/usr/bin/python3 "$SRC/tests/reference/make_tiny_llama.py" --out "$WORK/model" > /dev/null
+for i in 1 2 3; do cat "$SRC/README.md"; done > "$WORK/corpus.txt"
+ARGS=(--model "$WORK/model" --data "$WORK/corpus.txt" --steps $STEPS --batch 6 --seq 32
+      --lr 3e-3 --warmup 1 --json --threads 1)
+launch() { timeout 120 "$CLUSTER" run $NODES $SLOTS -- "$STRATA" train "${ARGS[@]}" "$@"; }
+
+launch --snapshot-every 0 --save "$WORK/full" > "$WORK/full.jsonl" 2> "$WORK/full.err" ||
+  { cat "$WORK/full.err"; exit 1; }
+
+# broken RUN NAME NODE... [-- extra args]: trains in the background and, once step 5 is done,
+# takes the given nodes (1-based namespaces) down; the launch must fail.
+broken() {
+  local run="$1" name="$2"; shift 2
+  local nodes=()
+  while [[ $# -gt 0 && "$1" != "--" ]]; do nodes+=("$1"); shift; done
+  [[ $# -gt 0 ]] && shift
+  launch --run "$run" "$@" > "$WORK/$name.jsonl" 2> "$WORK/$name.err" &
+  BG=$!
+  local deadline=$((SECONDS + 60))
+  until [[ $(grep -c '"step"' "$WORK/$name.jsonl" 2> /dev/null || true) -ge 5 ]]; do
+    kill -0 "$BG" 2> /dev/null || break
+    ((SECONDS < deadline)) || break
+    sleep 0.01
+  done
+  for i in "${nodes[@]}"; do
+    ip netns exec "$STRATA_NETNS_PREFIX$i" "$STRATA" chaos kill-node --run "$run" >> "$WORK/$name.chaos"
+  done
+  if wait "$BG"; then
+    BG=""
+    echo "train_ec_fault_test: $name: the run finished before nodes ${nodes[*]} went down"
+    cat "$WORK/$name.err"; exit 1
+  fi
+  BG=""
+  local done_steps
+  done_steps=$(grep -c '"step"' "$WORK/$name.jsonl" || true)
+  echo "train_ec_fault_test: $name: nodes ${nodes[*]} taken down after step $done_steps of $STEPS:"
+  sed 's/^/  /' "$WORK/$name.chaos"
+}
+resume() {  # resume RUN NAME [extra args]
+  local run="$1" name="$2"; shift 2
+  launch --run "$run" --resume auto --save "$WORK/$name" "$@" \
+    > "$WORK/$name.jsonl" 2> "$WORK/$name.err" ||
+    { cat "$WORK/$name.err" "$WORK"/*.chaos /tmp/strata-snapshotd-"$run".log;
+      [[ -d "$WORK/disk" ]] && find "$WORK/disk" | sort; exit 1; }
+}
+same_as_full() {  # same_as_full NAME PATTERN: resumed with PATTERN in the message, then identical
+  local name="$1" pattern="$2" step
+  step=$(sed -n 's/.* resumed after step \([0-9]*\) from .*/\1/p' "$WORK/$name.err" | head -1)
+  [[ -n "$step" ]] && grep -q "resumed after step $step from .*$pattern" "$WORK/$name.err" ||
+    { echo "train_ec_fault_test: $name did not resume from $pattern:"; cat "$WORK/$name.err";
+      cat "$WORK"/*.chaos /tmp/strata-snapshotd-"$TAG"-*.log; exit 1; }
+  /usr/bin/python3 - "$WORK/full.jsonl" "$WORK/$name.jsonl" "$step" "$STEPS" <<'PY'
+import json, sys
+full = {r["step"]: r["loss"] for r in map(json.loads, open(sys.argv[1]))}
+got = {r["step"]: r["loss"] for r in map(json.loads, open(sys.argv[2]))}
+first, steps = int(sys.argv[3]) + 1, int(sys.argv[4])
+assert sorted(got) == list(range(first, steps + 1)), sorted(got)
+for s, loss in got.items():
+    assert loss == full[s], f"step {s}: {loss!r} after the resume, {full[s]!r} unbroken"
+PY
+  cmp "$WORK/full/model.safetensors" "$WORK/$name/model.safetensors" ||
+    { echo "train_ec_fault_test: $name's final weights differ from the unbroken run's"; exit 1; }
+  echo "train_ec_fault_test: $name resumed after step $step ($pattern): losses of steps" \
+       "$((step + 1))..$STEPS and final weights identical to the unbroken run"
+}
+
+# 1. One node of three lost: rebuilt from the other two (data + parity).
+broken "$TAG-a" one-node-lost 2
+resume "$TAG-a" one-node-rebuilt
+same_as_full one-node-rebuilt "node 1 rebuilt by erasure decoding from 2 surviving nodes"
+grep "rebuilt by erasure decoding (k=2 m=1" "$WORK/one-node-rebuilt.err" ||
+  { echo "train_ec_fault_test: no rebuild details"; cat "$WORK/one-node-rebuilt.err"; exit 1; }
+
+# 2. Two nodes of three lost, more than the one parity node covers: back to disk.
+DISK=(--snapshot-dir "$WORK/disk" --persist-every 2)
+broken "$TAG-b" two-nodes-lost 2 3 -- "${DISK[@]}"
+resume "$TAG-b" two-nodes-disk "${DISK[@]}"
+same_as_full two-nodes-disk "disk"
+grep "resumed from disk because nodes 1,2 lost their snapshot memory" "$WORK/two-nodes-disk.err" ||
+  { echo "train_ec_fault_test: the disk fallback did not say why"; cat "$WORK/two-nodes-disk.err"; exit 1; }
+echo "train_ec_fault_test: passed"
