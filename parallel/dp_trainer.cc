@@ -78,15 +78,30 @@ StatusOr<std::unique_ptr<DpTrainer>> DpTrainer::Create(const runtime::LlamaConfi
   eo.pool = pool;
   STRATA_ASSIGN_OR_RETURN(t->exec_, runtime::TrainExecutor::Create(config, store, eo));
   t->tokens_.resize(static_cast<size_t>(t->micro_ * (options.seq + 1)));
-  t->slice_.resize(store->slice_size());
-  // Which floats of this rank's slice decay: matrices and the embedding, not norms or padding.
-  t->decay_.assign(store->slice_size(), 0);
+  // One rank reduces nothing and gathers nothing: it updates its gradients in place.
+  if (t->size_ > 1) t->slice_.resize(store->slice_size());
+  // Which runs of this rank's slice decay: matrices and the embedding, not norms or padding.
+  // Runs, not a flag per float: a byte per parameter would be 6% on top of the 16 the store
+  // holds.
   const size_t b = store->slice_begin(), e = b + store->slice_size();
+  std::vector<std::pair<size_t, size_t>> decays;
   for (const memory::ParamEntry& p : store->layout().entries()) {
     if (!p.decay) continue;
     const size_t lo = std::max(b, p.offset), hi = std::min(e, p.offset + p.numel);
-    for (size_t i = lo; i < hi; ++i) t->decay_[i - b] = 1;
+    if (lo < hi) decays.emplace_back(lo - b, hi - b);
   }
+  std::sort(decays.begin(), decays.end());
+  size_t at = 0;
+  for (const auto& [lo, hi] : decays) {
+    if (lo > at) t->runs_.push_back({at, lo, false});
+    if (!t->runs_.empty() && t->runs_.back().decay && t->runs_.back().end == lo) {
+      t->runs_.back().end = hi;  // adjacent decaying tensors share one call
+    } else {
+      t->runs_.push_back({lo, hi, true});
+    }
+    at = hi;
+  }
+  if (at < store->slice_size()) t->runs_.push_back({at, store->slice_size(), false});
   return t;
 }
 
@@ -157,13 +172,9 @@ StatusOr<StepStats> DpTrainer::Step(const runtime::TokenCorpus& corpus, int64_t 
   float* m = store_->moment1();
   float* v = store_->moment2();
   // Runs of equal decay flags share one call.
-  size_t i = 0;
-  while (i < n) {
-    size_t j = i;
-    while (j < n && decay_[j] == decay_[i]) ++j;
-    p.weight_decay = decay_[i] ? opts_.weight_decay : 0.0f;
-    kernels::AdamWUpdate(w + i, m + i, v + i, g + i, j - i, p);
-    i = j;
+  for (const DecayRun& r : runs_) {
+    p.weight_decay = r.decay ? opts_.weight_decay : 0.0f;
+    kernels::AdamWUpdate(w + r.begin, m + r.begin, v + r.begin, g + r.begin, r.end - r.begin, p);
   }
   const uint64_t t3 = NowNs();
   STRATA_RETURN_IF_ERROR(GatherWeights());

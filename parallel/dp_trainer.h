@@ -82,6 +82,14 @@ class DpTrainer {
   Status GatherWeights();
 
   const runtime::TrainExecutor& executor() const { return *exec_; }
+
+  // Host memory of the step's own buffers (reduce-scatter slice, decay runs), for reports.
+
+  size_t buffer_bytes() const {
+
+    return slice_.size() * sizeof(float) + runs_.size() * sizeof(DecayRun);
+
+  }
   int rank() const { return rank_; }
   int size() const { return size_; }
 
@@ -98,8 +106,12 @@ class DpTrainer {
   int64_t local_batch_ = 0, micro_ = 0;
   std::unique_ptr<runtime::TrainExecutor> exec_;
   std::vector<int32_t> tokens_;
-  std::vector<float> slice_;   // reduce-scatter output / all-gather input
-  std::vector<uint8_t> decay_; // per float of this rank's slice: weight decay applies
+  std::vector<float> slice_;   // reduce-scatter output / all-gather input (2+ ranks only)
+  struct DecayRun {
+    size_t begin, end;  // [begin, end) of this rank's slice
+    bool decay;         // weight decay applies
+  };
+  std::vector<DecayRun> runs_;  // covers the slice in order
   std::function<Status()> before_update_;
 };
 
