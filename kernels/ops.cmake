@@ -1,14 +1,12 @@
 # Linear, attention and elementwise kernels (kernels/ops.h, kernels/quant.h). Included from
 # kernels/CMakeLists.txt after strata_kernels is defined.
-find_package(PkgConfig REQUIRED)
-pkg_check_modules(OPENBLAS REQUIRED IMPORTED_TARGET openblas)
+# Prefill sgemm goes through oneDNN (kernels/cpu/sgemm.h, linked in train.cmake).
 target_sources(strata_kernels PRIVATE
   ${CMAKE_CURRENT_LIST_DIR}/cpu/ops.cc
   ${CMAKE_CURRENT_LIST_DIR}/cpu/quant.cc
   ${CMAKE_CURRENT_LIST_DIR}/cpu/ops_generic.cc
   ${CMAKE_CURRENT_LIST_DIR}/cpu/ops_avx2.cc
   ${CMAKE_CURRENT_LIST_DIR}/cpu/ops_avx512.cc)
-target_link_libraries(strata_kernels PUBLIC PkgConfig::OPENBLAS)
 # -O3 lets GCC vectorize the plain loops (attention's weighted sum of V) for each target.
 set_source_files_properties(${CMAKE_CURRENT_LIST_DIR}/cpu/ops_generic.cc PROPERTIES
   COMPILE_OPTIONS "-O3")

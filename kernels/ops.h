@@ -27,9 +27,9 @@ size_t WeightBytes(WeightType t, int64_t out_features, int64_t in_features);
 // q8_0 on the avx512 path quantizes x per token and 32-block to int8 (as ggml's q8_0 x q8_0: an
 // error as large as the q8_0 weights' own, ~1e-3 rms of the output's scale) and multiplies
 // with VNNI vpdpbusd over 32-row panels of W repacked per call, so each weight load serves six
-// tokens; f32 calls OpenBLAS sgemm once per thread on its rows; bf16 (and q8_0 on avx2/generic)
-// converts 64-row blocks of W to f32 for sgemm. W is read once per call; OpenBLAS is set to one
-// thread on first use because the pool does the threading.
+// tokens; f32 calls oneDNN sgemm once per thread on its rows; bf16 (and q8_0 on avx2/generic)
+// converts 64-row blocks of W to f32 for sgemm. W is read once per call; each sgemm runs on the
+// calling thread alone because the pool does the threading.
 // `pool` may be null (caller only); do not call from inside that pool's ParallelFor. y must not
 // alias x.
 void Linear(float* y, const float* x, const void* w, WeightType wt, int64_t M, int64_t N, int64_t K,

@@ -1,6 +1,7 @@
 # Training ops (kernels/train.h): backward of every op, chunked cross-entropy, AdamW. Included
 # from kernels/CMakeLists.txt after strata_kernels is defined (OpenBLAS comes from ops.cmake).
-target_sources(strata_kernels PRIVATE ${CMAKE_CURRENT_LIST_DIR}/cpu/train.cc)
+target_sources(strata_kernels PRIVATE ${CMAKE_CURRENT_LIST_DIR}/cpu/train.cc
+                                      ${CMAKE_CURRENT_LIST_DIR}/cpu/sgemm.cc)
 # The training GEMMs go through oneDNN's sgemm (Debian's libdnnl-dev): it picks its AVX-512 /
 # AMX kernels from the CPU itself, where OpenBLAS follows OPENBLAS_CORETYPE (environments that
 # pin Haswell lose ~2x on AVX-512 machines). Its OpenMP runtime is held to one thread per

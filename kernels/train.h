@@ -7,8 +7,8 @@
 // - Gradients of weights ACCUMULATE (+=) into their output, so micro-batches and layer sharing
 //   add up; gradients of activations OVERWRITE their output unless the comment says otherwise.
 // - Results are deterministic: identical inputs give identical bits run to run, whatever the
-//   thread timing (fixed work partitions, fixed summation order). OpenBLAS sgemm does the matrix
-//   products single-threaded per call (as kernels/ops.h sets it); the pool's threads each take a
+//   thread timing (fixed work partitions, fixed summation order). oneDNN sgemm (kernels/cpu/sgemm.h)
+//   does the matrix products single-threaded per call; the pool's threads each take a
 //   fixed slice of the OUTPUT rows, never a slice of the summed dimension, so for a given pool
 //   size the result does not depend on timing.
 // - `pool` may be null (caller's thread only). Kernels never allocate per call beyond per-thread
@@ -20,7 +20,7 @@
 
 namespace strata::kernels {
 
-// ---- matrix products (OpenBLAS cblas_sgemm) ----------------------------------------------------
+// ---- matrix products (oneDNN sgemm) -----------------------------------------------------------
 // y[M, N] = x[M, K] · W[N, K]^T (W as Hugging Face stores it). y overwritten.
 void MatmulForward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K,
                    ThreadPool* pool);

@@ -2,7 +2,6 @@
 // per-ISA kernels in ops_<isa>.cc do only single-threaded work on ranges.
 #include "kernels/ops.h"
 
-#include <cblas.h>
 #include <math.h>
 
 #include <algorithm>
@@ -12,6 +11,7 @@
 #include "base/aligned_buffer.h"
 #include "base/check.h"
 #include "kernels/cpu/ops_table.h"
+#include "kernels/cpu/sgemm.h"
 #include "kernels/quant.h"
 
 namespace strata::kernels {
@@ -40,12 +40,6 @@ void ParallelOrInline(ThreadPool* pool, size_t n, size_t min_chunk,
 // Prefill converts this many weight rows at a time to f32 before sgemm: 64 rows of K = 5632 is
 // 1.4 MiB per thread, small enough to stay in L2/L3 while sgemm reads it.
 constexpr int64_t kPrefillRows = 64;
-
-// The pool does the threading; OpenBLAS's own threads would oversubscribe the cores.
-void SingleThreadBlas() {
-  static std::once_flag once;
-  std::call_once(once, [] { openblas_set_num_threads(1); });
-}
 
 }  // namespace
 
@@ -122,9 +116,8 @@ void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, 
     });
     return;
   }
-  SingleThreadBlas();
   if (wt == WeightType::kF32) {
-    // Nothing to convert: one sgemm per thread over its share of the rows, so OpenBLAS packs x
+    // Nothing to convert: one sgemm per thread over its share of the rows, so the GEMM packs x
     // once per thread instead of once per 64 rows (x is as large as 64 rows of W at M = 64).
     const int64_t parts = pool == nullptr ? 1 : static_cast<int64_t>(pool->size());
     ParallelOrInline(pool, static_cast<size_t>(parts), 1, [&](size_t b, size_t e) {
@@ -132,10 +125,8 @@ void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, 
         const int64_t n0 = N * p / parts / 16 * 16;
         const int64_t n1 = p + 1 == parts ? N : N * (p + 1) / parts / 16 * 16;
         if (n1 <= n0) continue;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
-                    static_cast<int>(n1 - n0), static_cast<int>(K), 1.0f, x, static_cast<int>(K),
-                    static_cast<const float*>(w) + n0 * K, static_cast<int>(K), 0.0f, y + n0,
-                    static_cast<int>(N));
+        cpu::Sgemm(false, true, M, n1 - n0, K, 1.0f, x, K, static_cast<const float*>(w) + n0 * K,
+                   K, 0.0f, y + n0, N);
       }
     });
     return;
@@ -155,9 +146,7 @@ void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, 
         table.rows_to_f32(scratch.as<float>(), w, wt, K, n0, n1);
         wf = scratch.as<float>();
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(M),
-                  static_cast<int>(n1 - n0), static_cast<int>(K), 1.0f, x, static_cast<int>(K), wf,
-                  static_cast<int>(K), 0.0f, y + n0, static_cast<int>(N));
+      cpu::Sgemm(false, true, M, n1 - n0, K, 1.0f, x, K, wf, K, 0.0f, y + n0, N);
     }
   });
 }

@@ -10,10 +10,7 @@
 // (picked at load time through ifunc, so the binary still runs on any x86-64).
 #include "kernels/train.h"
 
-#include <cblas.h>
 #include <math.h>
-#include <oneapi/dnnl/dnnl.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <bit>
@@ -23,6 +20,7 @@
 #include <vector>
 
 #include "base/check.h"
+#include "kernels/cpu/sgemm.h"
 
 // AVX2+FMA and AVX-512 clones of the exp-heavy row loops next to the portable one. Sanitizer
 // builds keep only the portable one: ifunc resolvers run during relocation, before the sanitizer
@@ -37,12 +35,6 @@
 namespace strata::kernels {
 namespace {
 
-// The pool does the threading; OpenBLAS's own threads would oversubscribe the cores.
-void SingleThreadBlas() {
-  static std::once_flag once;
-  std::call_once(once, [] { openblas_set_num_threads(1); });
-}
-
 int PoolSize(ThreadPool* pool) { return pool == nullptr ? 1 : pool->size(); }
 
 void ParallelOrInline(ThreadPool* pool, size_t n, const std::function<void(size_t, size_t)>& fn) {
@@ -54,30 +46,11 @@ void ParallelOrInline(ThreadPool* pool, size_t n, const std::function<void(size_
   pool->ParallelFor(n, fn, 1);
 }
 
-// Row-major sgemm C[m, n] = alpha * op(A) op(B) + beta * C with int64 sizes.
+// Row-major sgemm C[m, n] = alpha * op(A) op(B) + beta * C on the calling thread (oneDNN).
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  if (k <= 0) {
-    // sgemm with k == 0 only scales C; keep the semantics explicit.
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
-    }
-    return;
-  }
-  // oneDNN's OpenMP runtime sizes its team from the calling thread's ICV: one thread here, so
-  // each pool thread runs its slice alone (set once per thread; libgomp keeps ICVs per thread).
-  thread_local bool one_omp_thread = [] {
-    omp_set_num_threads(1);
-    return true;
-  }();
-  (void)one_omp_thread;
-  const dnnl_status_t st = dnnl_sgemm(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a,
-                                      lda, b, ldb, beta, c, ldc);
-  // Only bad arguments make dnnl_sgemm fail: a programming error in the callers.
-  STRATA_CHECK_MSG(st == dnnl_success, "dnnl_sgemm({}, {}, {}, {}, {}) failed with status {}",
-                   trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, static_cast<int>(st));
+  cpu::Sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // Splits [0, n) into `parts` near-equal slices aligned to `align` (the last takes the rest).
@@ -227,7 +200,6 @@ void MatmulForward(float* y, const float* x, const float* W, int64_t M, int64_t 
                    ThreadPool* pool) {
   STRATA_CHECK(M >= 0 && N >= 0 && K >= 0);
   if (M == 0 || N == 0) return;
-  SingleThreadBlas();
   const int p = PoolSize(pool);
   // Slice whichever output dimension is longer: rows of y (tokens) or columns (W rows).
   if (M >= N) {
@@ -253,7 +225,6 @@ void MatmulBackward(float* dx, float* dW, const float* dy, const float* x, const
                     int64_t M, int64_t N, int64_t K, ThreadPool* pool, bool accumulate_dx) {
   STRATA_CHECK(M >= 0 && N >= 0 && K >= 0);
   if (M == 0 || K == 0) return;
-  SingleThreadBlas();
   const int p = PoolSize(pool);
   // dx[M, K] = dy[M, N] · W[N, K]; sliced over its rows (or columns when M is short).
   if (dx != nullptr) {
@@ -410,7 +381,6 @@ void AttentionTrainForward(float* out, float* lse, const float* q, const float* 
                            int64_t D, ThreadPool* pool) {
   STRATA_CHECK(KV > 0 && H % KV == 0 && T >= 0 && D > 0);
   if (B == 0 || T == 0) return;
-  SingleThreadBlas();
   const int64_t group = H / KV;
   const float scale = 1.0f / sqrtf(static_cast<float>(D));
   const int64_t blocks = (T + kAttnBlock - 1) / kAttnBlock;
@@ -445,7 +415,6 @@ void AttentionTrainBackward(float* dq, float* dk, float* dv, const float* dout, 
                             ThreadPool* pool) {
   STRATA_CHECK(KV > 0 && H % KV == 0 && T >= 0 && D > 0);
   if (B == 0 || T == 0) return;
-  SingleThreadBlas();
   const int64_t group = H / KV;
   const float scale = 1.0f / sqrtf(static_cast<float>(D));
   const int64_t blocks = (T + kAttnBlock - 1) / kAttnBlock;
@@ -545,7 +514,6 @@ double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
                           const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
                           int64_t chunk_tokens, float grad_scale, ThreadPool* pool) {
   STRATA_CHECK(n >= 0 && dim > 0 && vocab > 0 && chunk_tokens > 0);
-  SingleThreadBlas();
   const int p = PoolSize(pool);
   const int64_t chunk = std::min(chunk_tokens, std::max<int64_t>(n, 1));
   // Scratch owned by the calling thread (the one that runs the step), reused across calls.
