@@ -227,19 +227,34 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
     const int attn_index = static_cast<int>(2 * l);
     STRATA_ASSIGN_OR_RETURN(BlockTensors w, AcquireBlock(attn_index));
     kernels::RmsNorm(h.data(), x.data(), input_norm_[l].data(), n, hidden, c.rms_norm_eps);
-    kernels::Linear(q.data(), h.data(), w.w[0], wtype_, n, heads_ * hd, hidden, pool_);
-    kernels::Linear(k.data(), h.data(), w.w[1], wtype_, n, kv_heads_ * hd, hidden, pool_);
-    kernels::Linear(v.data(), h.data(), w.w[2], wtype_, n, kv_heads_ * hd, hidden, pool_);
-    kernels::Rope(q.data(), n, heads_, hd, positions.data(), c.rope_theta);
-    kernels::Rope(k.data(), n, kv_heads_, hd, positions.data(), c.rope_theta);
+    const int64_t qd = heads_ * hd, kvd = kv_heads_ * hd;
+    float *qp = q.data(), *kp = k.data(), *vp = v.data();
+    if (n == 1 && w.w[1] == w.w[0] + kernels::WeightBytes(wtype_, qd, hidden) &&
+        w.w[2] == w.w[1] + kernels::WeightBytes(wtype_, kvd, hidden)) {
+      // Decode with q, k and v stored back to back (strata shard writes them in that order, 64-byte
+      // aligned, so they are whenever their sizes are multiples of 64 bytes): one matrix-
+      // vector product over all their rows, one parallel step instead of three. Each output
+      // row is the same dot product either way.
+      fit(sc.qkv, qd + 2 * kvd);
+      kernels::Linear(sc.qkv.data(), h.data(), w.w[0], wtype_, 1, qd + 2 * kvd, hidden, pool_);
+      qp = sc.qkv.data();
+      kp = qp + qd;
+      vp = kp + kvd;
+    } else {
+      kernels::Linear(qp, h.data(), w.w[0], wtype_, n, qd, hidden, pool_);
+      kernels::Linear(kp, h.data(), w.w[1], wtype_, n, kvd, hidden, pool_);
+      kernels::Linear(vp, h.data(), w.w[2], wtype_, n, kvd, hidden, pool_);
+    }
+    kernels::Rope(qp, n, heads_, hd, positions.data(), c.rope_theta);
+    kernels::Rope(kp, n, kv_heads_, hd, positions.data(), c.rope_theta);
     float* kc = k_cache_[l].as<float>();
     float* vc = v_cache_[l].as<float>();
-    const size_t row = static_cast<size_t>(kv_heads_ * hd);
+    const size_t row = static_cast<size_t>(kvd);
     for (int64_t t = 0; t < n; ++t) {
-      std::memcpy(kc + (pos + t) * row, k.data() + t * row, row * 4);
-      std::memcpy(vc + (pos + t) * row, v.data() + t * row, row * 4);
+      std::memcpy(kc + (pos + t) * row, kp + t * row, row * 4);
+      std::memcpy(vc + (pos + t) * row, vp + t * row, row * 4);
     }
-    kernels::Attention(att.data(), q.data(), kc, vc, n, heads_, kv_heads_, hd, positions.data(),
+    kernels::Attention(att.data(), qp, kc, vc, n, heads_, kv_heads_, hd, positions.data(),
                        pool_);
     kernels::Linear(part.data(), att.data(), w.w[3], wtype_, n, hidden, heads_ * hd, pool_);
     window_->Release(attn_index);
@@ -248,13 +263,22 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
     const int ffn_index = attn_index + 1;
     STRATA_ASSIGN_OR_RETURN(w, AcquireBlock(ffn_index));
     kernels::RmsNorm(h.data(), x.data(), post_norm_[l].data(), n, hidden, c.rms_norm_eps);
-    kernels::Linear(gate.data(), h.data(), w.w[0], wtype_, n, ffn_, hidden, pool_);
-    kernels::Linear(up.data(), h.data(), w.w[1], wtype_, n, ffn_, hidden, pool_);
+    float *gp = gate.data(), *upp = up.data();
+    if (n == 1 && w.w[1] == w.w[0] + kernels::WeightBytes(wtype_, ffn_, hidden)) {
+      // Decode with gate and up back to back: one product over both (as q, k, v above).
+      fit(sc.gate_up, 2 * ffn_);
+      kernels::Linear(sc.gate_up.data(), h.data(), w.w[0], wtype_, 1, 2 * ffn_, hidden, pool_);
+      gp = sc.gate_up.data();
+      upp = gp + ffn_;
+    } else {
+      kernels::Linear(gp, h.data(), w.w[0], wtype_, n, ffn_, hidden, pool_);
+      kernels::Linear(upp, h.data(), w.w[1], wtype_, n, ffn_, hidden, pool_);
+    }
     // Split over the pool when it is large (prefill: n * ffn_ sigmoids); decode stays inline.
     pool_->ParallelFor(static_cast<size_t>(n * ffn_), [&](size_t b, size_t e) {
-      kernels::SwiGLU(gate.data() + b, gate.data() + b, up.data() + b, static_cast<int64_t>(e - b));
+      kernels::SwiGLU(gp + b, gp + b, upp + b, static_cast<int64_t>(e - b));
     }, 16384);
-    kernels::Linear(part.data(), gate.data(), w.w[2], wtype_, n, hidden, ffn_, pool_);
+    kernels::Linear(part.data(), gp, w.w[2], wtype_, n, hidden, ffn_, pool_);
     window_->Release(ffn_index);
     STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));
   }

@@ -85,6 +85,7 @@ class TpEngine {
   std::vector<AlignedBuffer> k_cache_, v_cache_;  // per layer [max_seq, kv_heads_, head_dim]
   struct Scratch {
     std::vector<float> x, h, part, q, att, k, v, gate, up;
+    std::vector<float> qkv, gate_up;  // decode: fused outputs when the weights are adjacent
     std::vector<int32_t> positions;
   };
   Scratch scratch_;
