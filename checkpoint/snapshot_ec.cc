@@ -1091,6 +1091,29 @@ void EcPeer::AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segme
     v->done[j] = d;
   }
   MaybeGroupCommit(v);
+  // The lost node may have died between sending its parity-done of this version to one
+  // survivor and to another: then one survivor group-committed it and another never will, and
+  // the two would answer different versions forever. This node now holds its data and parity
+  // of the version again, so it says so to everyone, which completes the laggard's commit.
+  if (v->dropped) return;
+  ++v->readers;
+  Spawn([this, v, done = *v->done[li_]] {
+    proto::EcPeerRequest req;
+    *req.mutable_parity_done() = done;
+    for (int j = 0; j < n_; ++j) {
+      if (j == li_) continue;
+      proto::EcPeerReply reply;
+      Status sent = SendToPeer(j, req, nullptr, 0, 0, &reply);
+      if (sent.ok()) sent = ReplyStatus(reply);
+      if (!sent.ok()) {
+        STRATA_LOG(WARN, CKPT, "snapshotd node {}: parity-done of rebuilt version {} to node {}: "
+                   "{}", options_.node, v->version, GroupNode(j), sent.ToString());
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    --v->readers;
+    Retire(*v);
+  });
 }
 
 }  // namespace strata::checkpoint
