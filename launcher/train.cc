@@ -326,11 +326,13 @@ int RunTrain(TrainArgs a) {
                  "  layer workspace           %12s\n"
                  "  staging slots             %12s\n"
                  "  loss chunk                %12s\n"
+                 "  step buffers (DP)         %12s\n"
                  "  total                     %12s\n",
                  Bytes(ps.weights_bytes()).c_str(), Bytes(ps.weights_bytes()).c_str(),
                  Bytes(ps.moments_bytes()).c_str(), Bytes(m.anchors).c_str(),
                  Bytes(m.workspace).c_str(), Bytes(m.staging).c_str(),
-                 Bytes(m.loss_scratch).c_str(), Bytes(ps.arena_bytes() + m.total()).c_str());
+                 Bytes(m.loss_scratch).c_str(), Bytes(tr.buffer_bytes()).c_str(),
+                 Bytes(ps.arena_bytes() + m.total() + tr.buffer_bytes()).c_str());
   }
   // Snapshots: this node's snapshotd holds them; --resume auto continues from the newest.
   std::unique_ptr<TrainSnapshotter> snap;
