@@ -194,7 +194,8 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   CLI::App* chaos = root.add_subcommand(
       "chaos",
       "Fault injection for rehearsing recovery of a training run. To kill a rank at step S use "
-      "`strata train --fail-at-step S --fail-rank R`; then relaunch with `--resume auto`.");
+      "`strata train --fail-at-step S --fail-rank R`, to take a whole node down `kill-node`; "
+      "then relaunch with `--resume auto`.");
   chaos->require_subcommand(1);
   auto a = std::make_shared<ChaosArgs>();
   CLI::App* k = chaos->add_subcommand(
@@ -221,7 +222,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
       ->required();
   n->add_option("--shm-tag", a->shm_tag,
                 "also remove shared memory of this tag when no snapshotd is running "
-                "(strata train uses n<node index> on jobs of several nodes)");
+                "(strata train uses n<node index> when nodes of a job share one machine)");
   commands.push_back({n, [a] {
                         Status st = KillNode(*a);
                         if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
