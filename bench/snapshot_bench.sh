@@ -5,16 +5,31 @@
 #  3. recovery after a rank crash: the time to restore the state from snapshotd memory;
 #  4. the same state as a conventional checkpoint on local disk: write + fsync time, and the
 #     restore time reading it back with O_DIRECT (no page cache).
+#  5. with NODES=N (N >= 2, root): node loss on N network-namespace nodes x 1 rank
+#     (scripts/netns-cluster.sh), snapshots erasure-coded across them: node 2 is taken down
+#     after step 2 (strata chaos kill-node) and the relaunch rebuilds its state from the others;
+#     prints the rebuild (erasure decoding) time and the whole restore time.
 #   bench/snapshot_bench.sh STRATA_BINARY [SIZE]     SIZE: 50m (default) or 100m
-# Environment: THREADS (per rank, default 1), BATCH (8), SEQ (256), STEPS (6).
+# Environment: THREADS (per rank, default 1), BATCH (8), SEQ (256), STEPS (6), NODES (0: skip 5).
 set -euo pipefail
 STRATA="$1"; SIZE="${2:-50m}"
 THREADS="${THREADS:-1}"; BATCH="${BATCH:-8}"; SEQ="${SEQ:-256}"; STEPS="${STEPS:-6}"
 WORK="$(mktemp -d /var/tmp/strata-snap-bench-XXXXXX)"  # on disk, not tmpfs
 RUN="snapbench$$"
+NODES="${NODES:-0}"
+SRC="$(cd "$(dirname "$0")/.." && pwd)"
+export STRATA_NETNS_PREFIX="sb$$-h" STRATA_NETNS_STATE="/tmp/strata-netns-sb$$"
 cleanup() {
   "$STRATA" chaos kill-snapshotd --run "$RUN" > /dev/null 2>&1 || true
   rm -f /dev/shm/strata-snap-"$RUN"-* /tmp/strata-snapshotd-"$RUN".*
+  if [[ -d "$STRATA_NETNS_STATE" ]]; then
+    for i in $(seq 1 "$NODES"); do
+      ip netns exec "$STRATA_NETNS_PREFIX$i" "$STRATA" chaos kill-node --run "$RUN-nodes" \
+        --shm-tag "n$((i - 1))" > /dev/null 2>&1 || true
+    done
+    "$SRC/scripts/netns-cluster.sh" down "$NODES" > /dev/null 2>&1 || true
+  fi
+  rm -f /tmp/strata-snapshotd-"$RUN"-nodes.*
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -52,14 +67,9 @@ grep "snapshots of" "$WORK/on1.err" | sed 's/^strata train: /per rank: /'
 # Recovery after a rank crash: rank 1 dies after step 3, the relaunch restores from memory.
 "${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN" --fail-at-step 3 --fail-rank 1 \
   > /dev/null 2>&1 || true
-"${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN" --resume auto --steps 4 \
-  > /dev/null 2> "$WORK/resume.err"
-grep "resumed after" "$WORK/resume.err" | sed 's/^strata train: /rank crash: /'
-t_launch=$( { /usr/bin/time -f %e "${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN-x" \
-  --steps 0 --snapshot-every 0 > /dev/null 2>/dev/null; } 2>&1 | tail -1 || true)
-
 # The same state as a conventional checkpoint: each rank's shard files (weights, m, v slices) are
 # exactly what the snapshot slots hold; write them to local disk with fsync, read with O_DIRECT.
+# Taken from the crashed run's shared memory now: the relaunch below frees it when it ends.
 total=0
 for f in /dev/shm/strata-snap-"$RUN"-r*-s0; do
   n=$(stat -c %s "$f")
@@ -81,3 +91,28 @@ print(f"disk checkpoint of the same {gib:.2f} GiB (2 ranks): write+fsync {mid - 
       f"({total / (mid - start) / 1e9:.2f} GB/s), O_DIRECT read {end - mid:.2f} s "
       f"({total / (end - mid) / 1e9:.2f} GB/s)")
 PY
+
+# The relaunch restores from snapshotd memory.
+"${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN" --resume auto \
+  > /dev/null 2> "$WORK/resume.err"
+grep "resumed after" "$WORK/resume.err" | sed 's/^strata train: /rank crash: /'
+
+# Node loss: N namespace nodes x 1 rank; node 2 goes down after step 2, its state is rebuilt.
+if [[ "$NODES" -ge 2 ]]; then
+  "$SRC/scripts/netns-cluster.sh" up "$NODES" > /dev/null
+  NARGS=(--config "$WORK/config.json" --data "$WORK/tokens.i32" --steps "$STEPS"
+         --batch "$NODES" --seq "$SEQ" --threads "$THREADS" --warmup 1 --json --run "$RUN-nodes")
+  nodes_launch() { "$SRC/scripts/netns-cluster.sh" run "$NODES" 1 -- "$STRATA" train "${NARGS[@]}" "$@"; }
+  nodes_launch > "$WORK/nodes-broken.jsonl" 2> "$WORK/nodes-broken.err" &
+  bg=$!
+  until [[ $(grep -c '"step"' "$WORK/nodes-broken.jsonl" 2> /dev/null || true) -ge 2 ]]; do
+    kill -0 "$bg" 2> /dev/null || break
+    sleep 0.05
+  done
+  ip netns exec "${STRATA_NETNS_PREFIX}2" "$STRATA" chaos kill-node --run "$RUN-nodes" > /dev/null
+  wait "$bg" || true
+  nodes_launch --resume auto > /dev/null 2> "$WORK/nodes-resume.err" ||
+    { cat "$WORK/nodes-resume.err"; exit 1; }
+  grep "resumed after\|rebuilt by erasure decoding (" "$WORK/nodes-resume.err" |
+    sed "s/^strata train: /node loss ($NODES nodes x 1 rank): /"
+fi
