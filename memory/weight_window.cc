@@ -240,6 +240,10 @@ Status WeightWindow::Init(const std::string& path, std::vector<BlockExtent> bloc
     }
   }
   stats_.mode = mode_;
+  if (mode_ == WindowMode::kMap) {
+    STRATA_ASSIGN_OR_RETURN(double frac, CachedFraction());
+    map_cached_ = frac >= opts.auto_cached_fraction;
+  }
 
   if (mode_ == WindowMode::kResident) {
     window_ = static_cast<int>(B);
@@ -343,6 +347,12 @@ void WeightWindow::LoaderMain() {
     const BlockExtent& b = blocks_[seq % blocks_.size()];
     {
       std::lock_guard<std::mutex> lk(mu_);
+      if (loaded_ > seq) {
+        // Acquire took this block over while we prefaulted it (and counted it): nothing to
+        // record. A failure is Acquire's to find (it checks the file before handing out).
+        consumer_cv_.notify_all();
+        continue;
+      }
       if (!s.ok()) {
         if (stop_ && s.code() == StatusCode::kAborted) return;
         error_ = s;
@@ -521,6 +531,22 @@ StatusOr<const uint8_t*> WeightWindow::Acquire(int i) {
     // With B <= W the loader loads block i as sequence i, once.
     const uint64_t target = all_fit_ ? static_cast<uint64_t>(i) : seq;
     auto ready = [&] { return loaded_ > target || error_seq_ <= target || stop_; };
+    if (!ready() && mode_ == WindowMode::kMap && map_cached_ && !all_fit_) {
+      // Blocks arrive in order, so the loader is exactly at `seq`, perhaps still prefaulting
+      // it. Nothing has to come from disk: hand the block out now and let compute fault it in
+      // from the page cache (with fault-around), and move the loader on to the next one.
+      // Waiting instead would stall compute behind a loader thread that a machine with every
+      // core busy has not scheduled yet.
+      const BlockExtent& b = blocks_[static_cast<size_t>(i)];
+      loaded_ = seq + 1;
+      stats_.blocks_self_loaded++;
+      stats_.blocks_loaded++;
+      stats_.bytes_read += static_cast<int64_t>(b.bytes);
+      in_flight_bytes_ += b.bytes;
+      const uint64_t in_flight = loaded_ - FrontierLocked();
+      stats_.max_in_flight = std::max(stats_.max_in_flight, static_cast<int>(in_flight));
+      loader_cv_.notify_all();
+    }
     if (!ready()) {
       int64_t t0 = NowNs();
       consumer_cv_.wait(lk, ready);

@@ -95,6 +95,10 @@ struct WindowStats {
   WindowMode mode = WindowMode::kCopy;  // the mode actually running (never kAuto)
   int max_in_flight = 0;                // most blocks ever loaded-but-not-released at once (<= W)
   bool direct_io = false;               // kCopy reads really use O_DIRECT
+  // kMap with the file in page cache: blocks Acquire found not yet prefaulted and handed out
+  // anyway (compute faults them in from the page cache itself) instead of waiting for a loader
+  // that a busy machine has not scheduled.
+  int64_t blocks_self_loaded = 0;
 };
 
 // kMap: for each block, the byte range [begin, end) of the file whose pages Release drops from
@@ -179,6 +183,7 @@ class WeightWindow {
   uint8_t* map_ = nullptr;  // kMap/kResident: the whole file
   uint64_t map_bytes_ = 0;
   bool huge_hint_ = false;  // the kernel accepted MADV_HUGEPAGE on map_
+  bool map_cached_ = false; // kMap and the blocks were in page cache at Open
 
   mutable std::mutex mu_;
   std::condition_variable loader_cv_;    // loader waits for a free slot or stop
