@@ -11,13 +11,14 @@ packages=(
   libucx-dev ucx-utils
   librocksdb-dev libprotobuf-dev protobuf-compiler
   libbenchmark-dev libgtest-dev
-  libisal-dev libopenblas-dev libdnnl-dev
+  libisal-dev libdnnl-dev
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev sentencepiece
   iproute2
   # The demo's training corpus (the fortune cookies of fortune-mod).
   fortunes
-  # Reference checks only (numerics against PyTorch; tokenizer models for test fixtures).
+  # Reference checks and benchmark peers only (numerics against PyTorch; tokenizer models for
+  # test fixtures). OpenBLAS is what Debian's PyTorch multiplies with; strata itself uses oneDNN.
   python3-torch python3-numpy python3-sentencepiece libopenblas0-pthread
 )
 if [[ "${1:-}" == "--bench" ]]; then
