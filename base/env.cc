@@ -26,8 +26,8 @@ constexpr EnvVar kEnvVars[] = {
      "Comma-separated subsystems to log (base, kernels, comm, mem, ckpt, kv, train, infer, "
      "launch, bench; case-insensitive) or all."},
     {"STRATA_NUM_THREADS", "0",
-     "Threads in the default CPU thread pool, the calling thread included; 0 = hardware "
-     "concurrency."},
+     "Threads in the default CPU thread pool, the calling thread included; 0 = the CPUs this "
+     "process may run on (its affinity mask; strata infer/train: the rank's share of them)."},
     {"STRATA_POOL_SPIN_US", "100",
      "How long an idle thread-pool worker (and a caller waiting for its workers) polls before "
      "it blocks; waking a blocked thread costs tens of microseconds per parallel step. "

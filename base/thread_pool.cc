@@ -7,6 +7,7 @@
 #include <sched.h>
 
 #include "base/check.h"
+#include "base/cpus.h"
 #include "base/clock.h"
 #include "base/env.h"
 #include "base/logging.h"
@@ -170,7 +171,9 @@ ThreadPool& ThreadPool::Default() {
     } else {
       threads = *env;
     }
-    if (threads == 0) threads = std::max(1u, std::thread::hardware_concurrency());
+    // 0: every CPU this process may run on (a launcher's binding may leave fewer than the
+    // machine has; more threads than that would only take turns on the same cores).
+    if (threads == 0) threads = UsableCpuCount();
     return new ThreadPool(static_cast<int>(threads));
   }();
   return *pool;

@@ -39,7 +39,8 @@ class ThreadPool {
                    size_t min_chunk = 1);
 
   // The process-wide pool, created on first use with STRATA_NUM_THREADS threads (0, the default,
-  // means std::thread::hardware_concurrency()). Never destroyed, so it is usable during exit.
+  // means every CPU in this process's affinity mask). Never destroyed, so it is usable during
+  // exit.
   static ThreadPool& Default();
 
  private:

@@ -45,7 +45,10 @@ PROMPT="$(head -c 136 /usr/share/common-licenses/GPL-3 | tr '\n' ' ')"
 echo "decode_bench: OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE:-unset} threads=$THREADS" >&2
 for n in $RANKS; do
   t=$(( THREADS / n )); (( t >= 1 )) || t=1
-  mpirun -np "$n" "$STRATA" bench membw --threads "$t" --json 2>/dev/null | tail -1 \
+  # Open MPI binds each rank to one core when it starts two or fewer: a rank with several
+  # threads must be let loose, or its threads share one core.
+  BIND=(); (( t > 1 )) && BIND=(--bind-to none)
+  mpirun -np "$n" "${BIND[@]}" "$STRATA" bench membw --threads "$t" --json 2>/dev/null | tail -1 \
     | /usr/bin/python3 -c "import json,sys; d=json.load(sys.stdin); d['kind']='membw'; print(json.dumps(d))" >> "$OUT"
   if (( n > 1 )); then
     mpirun -np "$n" "$STRATA" bench allreduce --algorithms star --transport mpi --sizes 8192 \
@@ -57,7 +60,7 @@ for n in $RANKS; do
     for w in $WINDOWS; do
       for mode in $MODES; do
         [[ "$w" == 0 && "$mode" != "$(echo $MODES | cut -d' ' -f1)" ]] && continue
-        mpirun -np "$n" -x STRATA_NUM_THREADS="$t" "$STRATA" infer --shards "$WORK/shards-$n-$d" \
+        mpirun -np "$n" "${BIND[@]}" -x STRATA_NUM_THREADS="$t" "$STRATA" infer --shards "$WORK/shards-$n-$d" \
           --prompt "$PROMPT" --max-tokens "$TOKENS" --greedy --window "$w" --window-mode "$mode" \
           --json 2> "$WORK/infer.err" | tail -1 \
           | /usr/bin/python3 -c "

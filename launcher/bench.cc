@@ -6,6 +6,7 @@
 #include <string>
 #include <sstream>
 
+#include "base/cpus.h"
 #include "bench/allreduce_driver.h"
 #include "bench/membw.h"
 #include "comm/communicator.h"
@@ -115,8 +116,11 @@ int RunMembwCommand(const MembwArgs& a) {
   bench::MembwOptions o;
   o.bytes = static_cast<size_t>(a.mib * 1024 * 1024);
   const int local = std::max(1, comm.topology().local_size);
-  o.threads = a.threads > 0 ? a.threads
-                            : std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)) / local);
+  std::string note;
+  o.threads = a.threads > 0 ? a.threads : DefaultRankThreads(local, &note);
+  if (!note.empty()) {
+    std::fprintf(stderr, "strata bench membw: rank %d: %s\n", comm.rank(), note.c_str());
+  }
   o.reps = a.reps;
   auto r = bench::RunMembw(o, &comm);
   if (!r.ok()) return fail(r.status());

@@ -10,6 +10,9 @@
 #include <nlohmann/json.hpp>
 
 #include "base/clock.h"
+#include "base/cpus.h"
+#include "base/env.h"
+#include "base/thread_pool.h"
 #include "comm/communicator.h"
 #include "comm/transport/mpi/mpi_transport.h"
 #include "launcher/commands.h"
@@ -83,7 +86,17 @@ int RunInfer(const InferArgs& a) {
   ids.resize(static_cast<size_t>(n_prompt));
   if (Status s = comm.Broadcast(ids.data(), ids.size() * 4, 0); !s.ok()) return abort_all(s);
 
+  // Threads: STRATA_NUM_THREADS when set, else this rank's share of the node's CPUs, bounded
+  // by what the launcher's binding lets it use (and said when that is less than its share).
+  std::unique_ptr<ThreadPool> pool;
+  if (StatusOr<int64_t> env = EnvInt("STRATA_NUM_THREADS"); !env.ok() || *env == 0) {
+    std::string note;
+    const int threads = DefaultRankThreads(std::max(1, comm.topology().local_size), &note);
+    if (!note.empty()) std::fprintf(stderr, "strata infer: rank %d: %s\n", rank, note.c_str());
+    pool = std::make_unique<ThreadPool>(threads);
+  }
   parallel::EngineOptions eo;
+  eo.pool = pool.get();
   eo.window = a.window;
   eo.window_mode = *wm;
   eo.direct_io = a.direct_io;

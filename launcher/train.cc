@@ -16,6 +16,7 @@
 #include <nlohmann/json.hpp>
 
 #include "base/clock.h"
+#include "base/cpus.h"
 #include "base/env.h"
 #include "base/thread_pool.h"
 #include "comm/communicator.h"
@@ -296,9 +297,11 @@ int RunTrain(TrainArgs a) {
   } else {
     runtime::InitLlamaParams(ps, a.init_seed);  // same seed on every rank: identical replicas
   }
-  const int threads = a.threads > 0 ? a.threads
-                                    : std::max(1, static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN)) /
-                                                      local_ranks);
+  std::string cpu_note;
+  const int threads = a.threads > 0 ? a.threads : DefaultRankThreads(local_ranks, &cpu_note);
+  if (!cpu_note.empty()) {
+    std::fprintf(stderr, "strata train: rank %d: %s\n", rank, cpu_note.c_str());
+  }
   ThreadPool pool(threads);
   StatusOr<std::unique_ptr<parallel::DpTrainer>> trainer =
       parallel::DpTrainer::Create(config, &ps, &comm, a.o, &pool);

@@ -117,7 +117,7 @@ Status TpEngine::Load(const std::string& shard_dir) {
     k_cache_.emplace_back(static_cast<size_t>(max_seq_ * kv_heads_ * config_.head_dim) * 4);
     v_cache_.emplace_back(static_cast<size_t>(max_seq_ * kv_heads_ * config_.head_dim) * 4);
   }
-  pool_ = &ThreadPool::Default();
+  pool_ = opts_.pool != nullptr ? opts_.pool : &ThreadPool::Default();
   return Status::OK();
 }
 

@@ -29,6 +29,8 @@ struct EngineOptions {
   comm::Algorithm allreduce = comm::Algorithm::kStar;
   // KV cache length in tokens; 0 = min(max_position_embeddings, 2048).
   int64_t max_seq = 0;
+  // Compute threads; null: ThreadPool::Default(). Must outlive the engine.
+  ThreadPool* pool = nullptr;
 };
 
 class TpEngine {
