@@ -30,7 +30,7 @@ int DefaultRankThreads(int local_ranks, std::string* note) {
     *note = fmt::format(
         "this rank may run on {} of the node's {} CPUs (its launcher bound it; Open MPI binds "
         "each rank to one core when it starts two or fewer), so it uses {} thread(s) instead of "
-        "{}: pass --bind-to none to mpirun (srun: --cpu-bind=none) or set STRATA_NUM_THREADS",
+        "{}: pass --bind-to none to mpirun (srun: --cpu-bind=none) to give it more",
         usable, online, usable, share);
   }
   return std::min(share, usable);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Decode benchmark of `strata infer` on a TinyLlama-1.1B-shaped model, in one run, against the
 # bandwidth floor and the PyTorch peer (issue #3, item 7):
-#   - `strata bench membw` per rank count, with the threads the ranks use;
+#   - `strata bench membw` right before each run (the median pass; bandwidth drifts), with the
+#     ranks and threads that run uses;
 #   - star allreduce latency of one decode message (hidden floats) per rank count;
 #   - for N ranks x dtype x window: TTFT on the prompt, prefill and decode tokens/s, peak RSS
 #     and weight wait per rank, and decode as a fraction of the floor
@@ -48,8 +49,7 @@ for n in $RANKS; do
   # Open MPI binds each rank to one core when it starts two or fewer: a rank with several
   # threads must be let loose, or its threads share one core.
   BIND=(); (( t > 1 )) && BIND=(--bind-to none)
-  mpirun -np "$n" "${BIND[@]}" "$STRATA" bench membw --threads "$t" --json 2>/dev/null | tail -1 \
-    | /usr/bin/python3 -c "import json,sys; d=json.load(sys.stdin); d['kind']='membw'; print(json.dumps(d))" >> "$OUT"
+
   if (( n > 1 )); then
     mpirun -np "$n" "$STRATA" bench allreduce --algorithms star --transport mpi --sizes 8192 \
       --iters 200 --json 2>/dev/null \
@@ -60,13 +60,17 @@ for n in $RANKS; do
     for w in $WINDOWS; do
       for mode in $MODES; do
         [[ "$w" == 0 && "$mode" != "$(echo $MODES | cut -d' ' -f1)" ]] && continue
+        # Bandwidth drifts with host load within minutes: measure it right before each run.
+        mpirun -np "$n" "${BIND[@]}" "$STRATA" bench membw --threads "$t" --json 2>/dev/null \
+          | tail -1 > "$WORK/membw.json"
         mpirun -np "$n" "${BIND[@]}" -x STRATA_NUM_THREADS="$t" "$STRATA" infer --shards "$WORK/shards-$n-$d" \
           --prompt "$PROMPT" --max-tokens "$TOKENS" --greedy --window "$w" --window-mode "$mode" \
           --json 2> "$WORK/infer.err" | tail -1 \
           | /usr/bin/python3 -c "
 import json, sys
 d = json.load(sys.stdin); d.pop('text', None)
-d.update(kind='infer', dtype='$d', threads_per_rank=$t)
+m = json.load(open('$WORK/membw.json'))
+d.update(kind='infer', dtype='$d', threads_per_rank=$t, membw_gbps=m['rank_gbps_median'])
 print(json.dumps(d))" >> "$OUT" || { cat "$WORK/infer.err" >&2; exit 1; }
       done
     done
@@ -81,17 +85,16 @@ fi
 /usr/bin/python3 - "$OUT" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-bw = {r["ranks"]: r["rank_gbps"] for r in rows if r["kind"] == "membw"}
 ar = {r["ranks"]: r["latency_us_median"] for r in rows if r["kind"] == "allreduce"}
 LAYERS = 22
 gib = 1 << 30
-print("| ranks × threads | dtype | window | mode | TTFT ms | prefill tok/s | decode tok/s | floor tok/s | % of floor | peak RSS per rank (GiB) | RSS bound 1.2 × budget + 64 MiB (GiB) | weight wait ms |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| ranks × threads | dtype | window | mode | TTFT ms | prefill tok/s | decode tok/s | read GB/s per rank (membw, just before) | floor tok/s | % of floor | peak RSS per rank (GiB) | RSS bound 1.2 × budget + 64 MiB (GiB) | weight wait ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if r["kind"] != "infer":
         continue
     n = r["ranks"]
-    per_rank_s = [b / (g * 1e9) for b, g in zip(r["weight_bytes_per_token"], bw[n])]
+    per_rank_s = [b / (g * 1e9) for b, g in zip(r["weight_bytes_per_token"], r["membw_gbps"])]
     floor_s = max(per_rank_s) + 2 * LAYERS * ar.get(n, 0.0) / 1e6
     floor = 1 / floor_s
     rss = " / ".join(f"{x / gib:.2f}" for x in r["peak_rss_bytes"])
@@ -99,13 +102,12 @@ for r in rows:
     bound = " / ".join(f"{(1.2 * x + (64 << 20)) / gib:.2f}" for x in r["memory_budget_bytes"])
     print(f"| {n} × {r['threads_per_rank']} | {r['dtype']} | {r['window']} | {r['window_mode']} | "
           f"{r['ttft_ms']:.0f} | {r['prefill_tokens_per_s']:.1f} | **{r['decode_tokens_per_s']:.2f}** | "
-          f"{floor:.2f} | {100 * r['decode_tokens_per_s'] / floor:.0f}% | {rss} | {bound} | {wait} |")
+          f"{' / '.join(f'{g:.1f}' for g in r['membw_gbps'])} | {floor:.2f} | {100 * r['decode_tokens_per_s'] / floor:.0f}% | {rss} | {bound} | {wait} |")
 for r in rows:
     if r["kind"] == "torch":
         print(f"| PyTorch peer 1 × {r.get('threads', '?')} | f32 | all in RAM | – | {r['ttft_ms']:.0f} | "
-              f"{r.get('prefill_tokens_per_s', 0):.1f} | **{r['decode_tokens_per_s']:.2f}** | | | | | |")
+              f"{r.get('prefill_tokens_per_s', 0):.1f} | **{r['decode_tokens_per_s']:.2f}** | | | | | | |")
 print()
-for n, g in sorted(bw.items()):
-    extra = f", star allreduce of 8 KiB {ar[n]:.1f} µs" if n in ar else ""
-    print(f"- {n} rank(s): streaming read {', '.join(f'{x:.1f}' for x in g)} GB/s per rank{extra}")
+for n, a in sorted(ar.items()):
+    print(f"- {n} ranks: star allreduce of 8 KiB (one decode message) {a:.1f} µs")
 PY

@@ -97,8 +97,11 @@ StatusOr<MembwResult> RunMembw(const MembwOptions& o, comm::Communicator* comm) 
     std::vector<double> all(static_cast<size_t>(comm->size()));
     STRATA_RETURN_IF_ERROR(comm->Allgather(&res.rank_gbps, all.data(), sizeof(double)));
     res.all_gbps = all;
+    STRATA_RETURN_IF_ERROR(comm->Allgather(&res.rank_gbps_median, all.data(), sizeof(double)));
+    res.all_gbps_median = all;
   } else {
     res.all_gbps = {res.rank_gbps};
+    res.all_gbps_median = {res.rank_gbps_median};
   }
   for (double g : res.all_gbps) res.total_gbps += g;
   return res;

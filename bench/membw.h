@@ -21,6 +21,7 @@ struct MembwResult {
   double rank_gbps = 0;       // this rank's best pass, GB/s (1e9 bytes/s)
   double rank_gbps_median = 0;
   std::vector<double> all_gbps;  // every rank's best pass (rank 0 only)
+  std::vector<double> all_gbps_median;  // every rank's median pass (rank 0 only)
   double total_gbps = 0;      // sum over ranks (rank 0 only)
 };
 

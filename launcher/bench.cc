@@ -126,12 +126,16 @@ int RunMembwCommand(const MembwArgs& a) {
   if (!r.ok()) return fail(r.status());
   if (comm.rank() == 0) {
     if (a.json) {
-      std::string per_rank;
+      std::string per_rank, medians;
       for (double g : r->all_gbps) per_rank += (per_rank.empty() ? "" : ", ") + std::to_string(g);
+      for (double g : r->all_gbps_median) {
+        medians += (medians.empty() ? "" : ", ") + std::to_string(g);
+      }
       std::printf("{\"ranks\": %d, \"threads_per_rank\": %d, \"bytes_per_rank\": %zu, "
-                  "\"rank_gbps\": [%s], \"total_gbps\": %.3f, \"rank0_gbps_median\": %.3f}\n",
-                  comm.size(), o.threads, o.bytes, per_rank.c_str(), r->total_gbps,
-                  r->rank_gbps_median);
+                  "\"rank_gbps\": [%s], \"rank_gbps_median\": [%s], \"total_gbps\": %.3f, "
+                  "\"rank0_gbps_median\": %.3f}\n",
+                  comm.size(), o.threads, o.bytes, per_rank.c_str(), medians.c_str(),
+                  r->total_gbps, r->rank_gbps_median);
     } else {
       std::printf("streaming read: %d rank(s) x %d thread(s), %.0f MiB each\n", comm.size(),
                   o.threads, a.mib);
