@@ -9,7 +9,7 @@
 #     (scripts/netns-cluster.sh), snapshots erasure-coded across them: node 2 is taken down
 #     after step 2 (strata chaos kill-node) and the relaunch rebuilds its state from the others;
 #     prints the rebuild (erasure decoding) time and the whole restore time.
-#   bench/snapshot_bench.sh STRATA_BINARY [SIZE]     SIZE: 50m (default) or 100m
+#   bench/snapshot_bench.sh STRATA_BINARY [SIZE]     SIZE: 50m (default), 100m or 200m
 # Environment: THREADS (per rank, default 1), BATCH (8), SEQ (256), STEPS (6), NODES (0: skip 5).
 set -euo pipefail
 STRATA="$1"; SIZE="${2:-50m}"
@@ -36,6 +36,9 @@ trap cleanup EXIT
 case "$SIZE" in
   50m)  CFG='{"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 14, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
   100m) CFG='{"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14, "num_attention_heads": 12, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
+  # ~1.1 GiB of state per rank with 2 ranks (12 bytes per parameter of its half): the issue's
+  # "1 GiB per node" recovery case.
+  200m) CFG='{"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
   *) echo "unknown size $SIZE"; exit 2 ;;
 esac
 echo "$CFG" > "$WORK/config.json"

@@ -37,7 +37,9 @@ class Mapped {
     Mapped m;
     m.size_ = static_cast<size_t>(sb.st_size);
     if (m.size_ > 0) {
-      void* p = ::mmap(nullptr, m.size_, PROT_READ, MAP_SHARED, fd, 0);
+      // Every byte is read next: populate the page tables in one pass instead of a fault per
+      // 4 KiB page.
+      void* p = ::mmap(nullptr, m.size_, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
       if (p == MAP_FAILED) {
         const int err = errno;
         ::close(fd);
@@ -216,6 +218,25 @@ StatusOr<LatestInfo> SnapshotClient::Latest(int64_t max_disk_version) {
   return info;
 }
 
+namespace {
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and memcpy faults
+#endif
+
+// The destination of a restore is often freshly allocated (never touched): fault its pages in
+// with one call rather than one fault per page inside memcpy. Best effort.
+void PrefaultForWrite(void* dst, size_t bytes) {
+  const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(dst) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(dst) + bytes) / page * page;
+  if (end > begin) {
+    (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+  }
+}
+
+}  // namespace
+
 Status SnapshotClient::ReadLatest(const LatestInfo& info, const std::vector<SectionBuffer>& out,
                                   int rank) const {
   if (!info.found) return Status::NotFound("no snapshot version to read");
@@ -248,6 +269,7 @@ Status SnapshotClient::ReadLatest(const LatestInfo& info, const std::vector<Sect
           "snapshot version {} rank {} section '{}' lies past the end of its {} byte region",
           info.version, rank, b.name, m.size()));
     }
+    PrefaultForWrite(b.dst, b.bytes);
     std::memcpy(b.dst, m.data() + sec->offset(), b.bytes);
     // Checksum the copy, not the source: that is what the trainer will use.
     const uint32_t crc = FragmentChecksum(b.dst, b.bytes);
