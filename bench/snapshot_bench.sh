@@ -99,6 +99,8 @@ PY
 "${MPIRUN[@]}" "$STRATA" train "${ARGS[@]}" --run "$RUN" --resume auto \
   > /dev/null 2> "$WORK/resume.err"
 grep "resumed after" "$WORK/resume.err" | sed 's/^strata train: /rank crash: /'
+# With STRATA_LOG_LEVEL=debug STRATA_LOG_SUBSYS=ckpt: where each rank's read went.
+grep "read snapshot version" "$WORK/resume.err" || true
 
 # Node loss: N namespace nodes x 1 rank; node 2 goes down after step 2, its state is rebuilt.
 if [[ "$NODES" -ge 2 ]]; then

@@ -423,17 +423,24 @@ int RunTrain(TrainArgs a) {
           "--run NAME to start another run", sopt.run, r->step)));
     }
     if (r->step > 0) {
+      const uint64_t t_agreed = NowNs();
       if (Status l = snap->Load(); !l.ok()) return abort_all(l);
+      const uint64_t t_loaded = NowNs();
       if (Status g = tr.GatherWeights(); !g.ok()) return abort_all(g);
+      const uint64_t t_gathered = NowNs();
       first_step = r->step + 1;
       if (rank == 0) {
         const size_t state = 3 * ps.slice_size() * sizeof(float) * static_cast<size_t>(size);
         std::fprintf(stderr,
                      "strata train: run '%s' resumed after step %lld from %s (%s of state "
-                     "restored in %.3f s)\n",
+                     "restored in %.3f s: finding and agreeing on the version %.3f s, copying "
+                     "and checking rank 0's shard %.3f s, gathering the weights %.3f s)\n",
                      sopt.run.c_str(), static_cast<long long>(r->step), r->source.c_str(),
                      Bytes(static_cast<double>(state)).c_str(),
-                     static_cast<double>(NowNs() - t_restore) / 1e9);
+                     static_cast<double>(NowNs() - t_restore) / 1e9,
+                     static_cast<double>(t_agreed - t_restore) / 1e9,
+                     static_cast<double>(t_loaded - t_agreed) / 1e9,
+                     static_cast<double>(t_gathered - t_loaded) / 1e9);
         for (const std::string& remark : r->remarks) {
           std::fprintf(stderr, "strata train: %s\n", remark.c_str());
         }

@@ -101,6 +101,14 @@ StatusOr<std::unique_ptr<ParamStore>> ParamStore::Create(ParamLayout layout,
   }
   // Huge pages cut TLB misses when the optimizer streams gigabytes; a hint, so errors are moot.
   madvise(p, s->bytes_, MADV_HUGEPAGE);
+  // Fault the whole arena in now, at start-up: the memory is needed anyway, and otherwise its
+  // first touch (page allocation, zeroing, and with huge pages possibly compaction: ~1.5 s per
+  // GiB on a machine whose RAM is full of page cache) lands inside the first optimizer step or
+  // inside a snapshot restore. Best effort: kernels before 5.14 fault on first use instead.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  (void)madvise(p, s->bytes_, MADV_POPULATE_WRITE);
   s->arena_ = p;
   float* f = static_cast<float*>(p);
   s->weights_ = f;
