@@ -223,16 +223,17 @@ namespace {
 #define MADV_POPULATE_WRITE 23  // Linux 5.14; older kernels answer EINVAL and memcpy faults
 #endif
 
-// Faults the whole pages of [p, p + bytes) in with one call rather than one fault per page inside
-// memcpy. Best effort (a kernel without it leaves the faults to memcpy).
-void Prefault(const void* p, size_t bytes, int advice) {
+// The destination of a restore may be memory never touched yet: fault its whole pages in with
+// one call rather than one fault per page inside memcpy. Best effort (a kernel without
+// MADV_POPULATE_WRITE leaves the faults to memcpy).
+void PrefaultForWrite(void* dst, size_t bytes) {
   const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + page - 1) / page * page;
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + bytes) / page * page;
-  if (end > begin) (void)::madvise(reinterpret_cast<void*>(begin), end - begin, advice);
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(dst) + page - 1) / page * page;
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(dst) + bytes) / page * page;
+  if (end > begin) {
+    (void)::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_POPULATE_WRITE);
+  }
 }
-// The destination of a restore may be memory never touched yet.
-void PrefaultForWrite(void* dst, size_t bytes) { Prefault(dst, bytes, MADV_POPULATE_WRITE); }
 
 }  // namespace
 

@@ -586,9 +586,14 @@ void EcPeer::Progress(std::unique_lock<std::mutex>& lock, const std::shared_ptr<
   done.set_parity_crc32c(v->parity_crc);
   v->done[li_] = done;
   MaybeGroupCommit(v);
+  SendParityDone(v, done, "");
+}
+
+void EcPeer::SendParityDone(const std::shared_ptr<Version>& v, const proto::EcParityDone& done,
+                            const char* what) {
   if (v->dropped) return;
   ++v->readers;
-  Spawn([this, v, done] {
+  Spawn([this, v, done, what] {
     proto::EcPeerRequest req;
     *req.mutable_parity_done() = done;
     for (int j = 0; j < n_; ++j) {
@@ -597,8 +602,8 @@ void EcPeer::Progress(std::unique_lock<std::mutex>& lock, const std::shared_ptr<
       Status st = SendToPeer(j, req, nullptr, 0, 0, &reply);
       if (st.ok()) st = ReplyStatus(reply);
       if (!st.ok()) {
-        STRATA_LOG(WARN, CKPT, "snapshotd node {}: parity-done of version {} to node {}: {}",
-                   options_.node, v->version, GroupNode(j), st.ToString());
+        STRATA_LOG(WARN, CKPT, "snapshotd node {}: parity-done of {}version {} to node {}: {}",
+                   options_.node, what, v->version, GroupNode(j), st.ToString());
       }
     }
     std::lock_guard<std::mutex> l(mu_);
@@ -1095,25 +1100,7 @@ void EcPeer::AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segme
   // survivor and to another: then one survivor group-committed it and another never will, and
   // the two would answer different versions forever. This node now holds its data and parity
   // of the version again, so it says so to everyone, which completes the laggard's commit.
-  if (v->dropped) return;
-  ++v->readers;
-  Spawn([this, v, done = *v->done[li_]] {
-    proto::EcPeerRequest req;
-    *req.mutable_parity_done() = done;
-    for (int j = 0; j < n_; ++j) {
-      if (j == li_) continue;
-      proto::EcPeerReply reply;
-      Status sent = SendToPeer(j, req, nullptr, 0, 0, &reply);
-      if (sent.ok()) sent = ReplyStatus(reply);
-      if (!sent.ok()) {
-        STRATA_LOG(WARN, CKPT, "snapshotd node {}: parity-done of rebuilt version {} to node {}: "
-                   "{}", options_.node, v->version, GroupNode(j), sent.ToString());
-      }
-    }
-    std::lock_guard<std::mutex> l(mu_);
-    --v->readers;
-    Retire(*v);
-  });
+  SendParityDone(v, *v->done[li_], "rebuilt ");
 }
 
 }  // namespace strata::checkpoint

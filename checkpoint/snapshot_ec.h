@@ -156,6 +156,10 @@ class EcPeer {
   // Takes mu_ held; encodes finished stripes and sends EcParityDone when this node is done.
   void Progress(std::unique_lock<std::mutex>& lock, const std::shared_ptr<Version>& v);
   void MaybeGroupCommit(const std::shared_ptr<Version>& v);  // mu_ held
+  // mu_ held: sends `done` to every other node of the group on a spawned thread (holding v as a
+  // reader meanwhile); `what` qualifies the version in warnings ("" or "rebuilt ").
+  void SendParityDone(const std::shared_ptr<Version>& v, const proto::EcParityDone& done,
+                      const char* what);
   void DropVersion(int64_t version);                         // mu_ held
   void DetachLocal(int64_t version);                         // mu_ held
   void Recycle(Version& v);  // mu_ held: piece buffers back to spare_

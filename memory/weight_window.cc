@@ -229,7 +229,8 @@ Status WeightWindow::Init(const std::string& path, std::vector<BlockExtent> bloc
       mode_ = WindowMode::kCopy;
     } else {
       STRATA_ASSIGN_OR_RETURN(double frac, CachedFraction());
-      mode_ = frac >= opts.auto_cached_fraction ? WindowMode::kMap : WindowMode::kCopy;
+      map_cached_ = frac >= opts.auto_cached_fraction;
+      mode_ = map_cached_ ? WindowMode::kMap : WindowMode::kCopy;
       STRATA_LOG(INFO, MEM, "weight window '{}': {:.1f}% of block pages cached -> mode {}", path,
                  100.0 * frac, WindowModeName(mode_));
     }
@@ -240,7 +241,8 @@ Status WeightWindow::Init(const std::string& path, std::vector<BlockExtent> bloc
     }
   }
   stats_.mode = mode_;
-  if (mode_ == WindowMode::kMap) {
+  if (mode_ == WindowMode::kMap && opts.mode == WindowMode::kMap) {
+    // Asked for map outright (kAuto has looked already).
     STRATA_ASSIGN_OR_RETURN(double frac, CachedFraction());
     map_cached_ = frac >= opts.auto_cached_fraction;
   }
