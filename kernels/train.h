@@ -13,6 +13,11 @@
 //   size the result does not depend on timing.
 // - `pool` may be null (caller's thread only). Kernels never allocate per call beyond per-thread
 //   scratch that is reused.
+// - Mixed precision (`--precision bf16`): the *BF16 variants take bf16 operands (uint16_t raw
+//   bits, from ConvertToBF16) and multiply with f32 accumulation into f32 outputs
+//   (kernels/cpu/sgemm.h GemmBF16); weight gradients still accumulate in f32. Everything else
+//   (norms, RoPE, attention and its softmax, the loss, AdamW) is f32 in both precisions. Call
+//   them only where kernels::cpu::GemmBF16Support() is OK.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -30,6 +35,16 @@ void MatmulForward(float* y, const float* x, const float* W, int64_t M, int64_t 
 void MatmulBackward(float* dx, float* dW, const float* dy, const float* x, const float* W,
                     int64_t M, int64_t N, int64_t K, ThreadPool* pool,
                     bool accumulate_dx = false);
+// The same products with bf16 operands: x [M, K], W [N, K] and (backward) dy [M, N] are bf16;
+// y, dx and dW are f32 (dW accumulated in f32). Same slicing over the pool as the f32 ones.
+void MatmulForwardBF16(float* y, const uint16_t* x, const uint16_t* W, int64_t M, int64_t N,
+                       int64_t K, ThreadPool* pool);
+void MatmulBackwardBF16(float* dx, float* dW, const uint16_t* dy, const uint16_t* x,
+                        const uint16_t* W, int64_t M, int64_t N, int64_t K, ThreadPool* pool,
+                        bool accumulate_dx = false);
+// dst[i] = bf16(src[i]), round to nearest even (bit-identical to base/dtype.h F32ToBF16 on every
+// CPU), split over the pool.
+void ConvertToBF16(uint16_t* dst, const float* src, size_t n, ThreadPool* pool);
 
 // ---- elementwise / row ops ---------------------------------------------------------------------
 // Forward is kernels::RmsNorm (ops.h). Backward of out = x * rsqrt(mean(x^2) + eps) * weight:
@@ -80,6 +95,12 @@ void AttentionTrainBackward(float* dq, float* dk, float* dv, const float* dout, 
 double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
                           const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
                           int64_t chunk_tokens, float grad_scale, ThreadPool* pool);
+// The same with bf16 x and W: logits accumulate in f32, softmax and loss are f32, and each
+// chunk's dlogits are rounded to bf16 (a second scratch of chunk_tokens * vocab halves) for the
+// two backward products, whose results (dx, and dW accumulated) are f32.
+double CrossEntropyLmHeadBF16(float* dx, float* dW, const uint16_t* x, const uint16_t* W,
+                              const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
+                              int64_t chunk_tokens, float grad_scale, ThreadPool* pool);
 
 // ---- optimizer -------------------------------------------------------------------------------
 // torch.optim.AdamW semantics (decoupled weight decay, bias correction, eps outside the sqrt):

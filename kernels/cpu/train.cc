@@ -1,7 +1,7 @@
 // kernels/train.h: training forward/backward ops on raw f32 memory.
 //
-// Matrix products go to OpenBLAS sgemm (one thread per call, as kernels/ops.cc sets it); the pool
-// threads each take fixed slices of the output. Attention works on blocks of kAttnBlock query
+// Matrix products go to oneDNN (kernels/cpu/sgemm.h: sgemm in f32, the bf16 matmul primitive in
+// bf16; one thread per call); the pool threads each take fixed slices of the output. Attention works on blocks of kAttnBlock query
 // rows against all the keys they can see, through sgemm, so per thread at most two
 // [kAttnBlock, T] row-block scratch matrices exist, never a [T, T] one; the backward rebuilds
 // the probabilities from the forward's log-sum-exp. Elementwise loops are written with fixed lane
@@ -17,9 +17,11 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "base/check.h"
+#include "base/dtype.h"
 #include "kernels/cpu/sgemm.h"
 
 // AVX2+FMA and AVX-512 clones of the exp-heavy row loops next to the portable one. Sanitizer
@@ -46,11 +48,17 @@ void ParallelOrInline(ThreadPool* pool, size_t n, const std::function<void(size_
   pool->ParallelFor(n, fn, 1);
 }
 
-// Row-major sgemm C[m, n] = alpha * op(A) op(B) + beta * C on the calling thread (oneDNN).
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C on the calling thread (oneDNN): f32
+// operands through sgemm, bf16 ones (uint16_t bits) through the bf16 matmul, C f32 in both.
 void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
           const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
           int64_t ldc) {
   cpu::Sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+void Gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+          const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+          int64_t ldc) {
+  cpu::GemmBF16(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 // Splits [0, n) into `parts` near-equal slices aligned to `align` (the last takes the rest).
@@ -196,8 +204,12 @@ thread_local std::vector<float> t_attn_s, t_attn_dp;
 
 // ---- matrix products ----------------------------------------------------------------------------
 
-void MatmulForward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K,
-                   ThreadPool* pool) {
+namespace {
+
+// T: float (sgemm) or uint16_t (bf16 operands); outputs are f32 either way.
+template <class T>
+void MatmulForwardT(float* y, const T* x, const T* W, int64_t M, int64_t N, int64_t K,
+                    ThreadPool* pool) {
   STRATA_CHECK(M >= 0 && N >= 0 && K >= 0);
   if (M == 0 || N == 0) return;
   const int p = PoolSize(pool);
@@ -221,8 +233,9 @@ void MatmulForward(float* y, const float* x, const float* W, int64_t M, int64_t 
   }
 }
 
-void MatmulBackward(float* dx, float* dW, const float* dy, const float* x, const float* W,
-                    int64_t M, int64_t N, int64_t K, ThreadPool* pool, bool accumulate_dx) {
+template <class T>
+void MatmulBackwardT(float* dx, float* dW, const T* dy, const T* x, const T* W, int64_t M,
+                     int64_t N, int64_t K, ThreadPool* pool, bool accumulate_dx) {
   STRATA_CHECK(M >= 0 && N >= 0 && K >= 0);
   if (M == 0 || K == 0) return;
   const int p = PoolSize(pool);
@@ -268,6 +281,44 @@ void MatmulBackward(float* dx, float* dW, const float* dy, const float* x, const
       });
     }
   }
+}
+
+// f32 -> bf16 over one contiguous run; cloned per ISA so the loop vectorizes where it can.
+STRATA_TRAIN_CLONES
+void ToBF16Run(uint16_t* dst, const float* src, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] = F32ToBF16(src[i]);
+}
+
+}  // namespace
+
+void MatmulForward(float* y, const float* x, const float* W, int64_t M, int64_t N, int64_t K,
+                   ThreadPool* pool) {
+  MatmulForwardT(y, x, W, M, N, K, pool);
+}
+
+void MatmulBackward(float* dx, float* dW, const float* dy, const float* x, const float* W,
+                    int64_t M, int64_t N, int64_t K, ThreadPool* pool, bool accumulate_dx) {
+  MatmulBackwardT(dx, dW, dy, x, W, M, N, K, pool, accumulate_dx);
+}
+
+void MatmulForwardBF16(float* y, const uint16_t* x, const uint16_t* W, int64_t M, int64_t N,
+                       int64_t K, ThreadPool* pool) {
+  MatmulForwardT(y, x, W, M, N, K, pool);
+}
+
+void MatmulBackwardBF16(float* dx, float* dW, const uint16_t* dy, const uint16_t* x,
+                        const uint16_t* W, int64_t M, int64_t N, int64_t K, ThreadPool* pool,
+                        bool accumulate_dx) {
+  MatmulBackwardT(dx, dW, dy, x, W, M, N, K, pool, accumulate_dx);
+}
+
+void ConvertToBF16(uint16_t* dst, const float* src, size_t n, ThreadPool* pool) {
+  // Elementwise, so the split cannot change a bit; runs of 16 Ki elements amortize the fork.
+  constexpr size_t kRun = 16384;
+  const size_t runs = (n + kRun - 1) / kRun;
+  ParallelOrInline(pool, runs, [&](size_t b, size_t e) {
+    ToBF16Run(dst + b * kRun, src + b * kRun, std::min(n, e * kRun) - b * kRun);
+  });
 }
 
 // ---- elementwise / row ops ----------------------------------------------------------------------
@@ -510,9 +561,13 @@ void AttentionTrainBackward(float* dq, float* dk, float* dv, const float* dout, 
 
 // ---- loss ---------------------------------------------------------------------------------------
 
-double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
-                          const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
-                          int64_t chunk_tokens, float grad_scale, ThreadPool* pool) {
+namespace {
+
+template <class T>
+double CrossEntropyLmHeadT(float* dx, float* dW, const T* x, const T* W,
+                           const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
+                           int64_t chunk_tokens, float grad_scale, ThreadPool* pool) {
+  constexpr bool kBF16 = std::is_same_v<T, uint16_t>;
   STRATA_CHECK(n >= 0 && dim > 0 && vocab > 0 && chunk_tokens > 0);
   const int p = PoolSize(pool);
   const int64_t chunk = std::min(chunk_tokens, std::max<int64_t>(n, 1));
@@ -520,6 +575,20 @@ double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
   thread_local std::vector<float> logits_buf;
   thread_local std::vector<double> loss_buf;
   float* logits = Scratch(logits_buf, static_cast<size_t>(chunk * vocab));
+  // bf16: the chunk's dlogits rounded for the backward products (f32: the logits buffer itself).
+  thread_local std::vector<uint16_t> dlogits_buf;
+  const bool grads = dx != nullptr || dW != nullptr;
+  uint16_t* dlogits16 = nullptr;  // the calling thread's buffer, which the pool's threads fill
+  const T* dlogits = nullptr;
+  if constexpr (kBF16) {
+    if (grads && dlogits_buf.size() < static_cast<size_t>(chunk * vocab)) {
+      dlogits_buf.resize(static_cast<size_t>(chunk * vocab));
+    }
+    dlogits16 = dlogits_buf.data();
+    dlogits = dlogits16;
+  } else {
+    dlogits = logits;
+  }
   if (loss_buf.size() < static_cast<size_t>(chunk)) loss_buf.resize(static_cast<size_t>(chunk));
   double* row_loss = loss_buf.data();
   const Slices vs(vocab, p, 16);
@@ -527,7 +596,7 @@ double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
   double total = 0.0;
   for (int64_t c0 = 0; c0 < n; c0 += chunk) {
     const int64_t rows = std::min(chunk, n - c0);
-    const float* xc = x + c0 * dim;
+    const T* xc = x + c0 * dim;
     // logits[rows, vocab] = xc · W^T, sliced over vocab.
     ParallelOrInline(pool, static_cast<size_t>(vs.count()), [&](size_t b, size_t e) {
       for (auto i = static_cast<int64_t>(b); i < static_cast<int64_t>(e); ++i) {
@@ -540,8 +609,11 @@ double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
       for (size_t r = b; r < e; ++r) {
         const int32_t tgt = targets[c0 + static_cast<int64_t>(r)];
         STRATA_CHECK(tgt < vocab);
-        row_loss[r] = CrossEntropyRow(logits + static_cast<int64_t>(r) * vocab, vocab, tgt,
-                                      grad_scale);
+        float* z = logits + static_cast<int64_t>(r) * vocab;
+        row_loss[r] = CrossEntropyRow(z, vocab, tgt, grad_scale);
+        if constexpr (kBF16) {
+          if (grads) ToBF16Run(dlogits16 + static_cast<int64_t>(r) * vocab, z, static_cast<size_t>(vocab));
+        }
       }
     });
     for (int64_t r = 0; r < rows; ++r) total += row_loss[r];  // fixed order
@@ -552,17 +624,33 @@ double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
     ParallelOrInline(pool, static_cast<size_t>(n_dx + n_dw), [&](size_t b, size_t e) {
       for (auto i = static_cast<int64_t>(b); i < static_cast<int64_t>(e); ++i) {
         if (i < n_dx) {
-          Gemm(false, false, rows, ds.end(i) - ds.begin(i), vocab, 1.0f, logits, vocab,
+          Gemm(false, false, rows, ds.end(i) - ds.begin(i), vocab, 1.0f, dlogits, vocab,
                W + ds.begin(i), dim, 0.0f, dx + c0 * dim + ds.begin(i), dim);
         } else {
           const int64_t j = i - n_dx;
-          Gemm(true, false, vs.end(j) - vs.begin(j), dim, rows, 1.0f, logits + vs.begin(j), vocab,
-               xc, dim, 1.0f, dW + vs.begin(j) * dim, dim);
+          Gemm(true, false, vs.end(j) - vs.begin(j), dim, rows, 1.0f, dlogits + vs.begin(j),
+               vocab, xc, dim, 1.0f, dW + vs.begin(j) * dim, dim);
         }
       }
     });
   }
   return total;
+}
+
+}  // namespace
+
+double CrossEntropyLmHead(float* dx, float* dW, const float* x, const float* W,
+                          const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
+                          int64_t chunk_tokens, float grad_scale, ThreadPool* pool) {
+  return CrossEntropyLmHeadT(dx, dW, x, W, targets, n, dim, vocab, chunk_tokens, grad_scale,
+                             pool);
+}
+
+double CrossEntropyLmHeadBF16(float* dx, float* dW, const uint16_t* x, const uint16_t* W,
+                              const int32_t* targets, int64_t n, int64_t dim, int64_t vocab,
+                              int64_t chunk_tokens, float grad_scale, ThreadPool* pool) {
+  return CrossEntropyLmHeadT(dx, dW, x, W, targets, n, dim, vocab, chunk_tokens, grad_scale,
+                             pool);
 }
 
 // ---- optimizer ----------------------------------------------------------------------------------

@@ -1,0 +1,4 @@
+# Mixed precision (strata train --precision bf16): the bf16 GEMM and conversion, the executor in
+# bf16 against f32, and the command end to end. Each skips, saying why, where oneDNN cannot run
+# bf16 (a CPU without AVX-512); with AVX-512 but no AVX512-BF16 oneDNN emulates and they run.
+strata_add_test(gemm_bf16_test SOURCES gemm_bf16_test.cc DEPS strata_kernels)
