@@ -23,6 +23,7 @@
 #include "checkpoint/snapshot_ec.h"
 #include "comm/transport/mpi/mpi_transport.h"
 #include "comm/transport/tcp/tcp_transport.h"
+#include "kernels/cpu/sgemm.h"
 #include "launcher/commands.h"
 #include "launcher/train_snapshot.h"
 #include "memory/param_store.h"
@@ -49,6 +50,7 @@ struct TrainArgs {
   std::string dump_grads;
   std::string transport = "mpi";
   std::string stage = "auto";
+  std::string precision = "f32";
   int threads = 0;
   bool json = false;
   bool memory_report = false;
@@ -221,6 +223,20 @@ int RunTrain(TrainArgs a) {
   } else if (a.stage != "auto") {
     return fail(Status::InvalidArgument("--stage must be auto, zero-copy or copy"));
   }
+  if (StatusOr<runtime::Precision> p = runtime::ParsePrecision(a.precision); p.ok()) {
+    a.o.precision = *p;
+  } else {
+    return fail(Status::InvalidArgument("--precision: " + p.status().message()));
+  }
+  std::string bf16_impl;
+  bool bf16_native = false;
+  if (a.o.precision == runtime::Precision::kBF16) {
+    // Refused up front, never a silent fallback to f32.
+    if (Status s = kernels::cpu::GemmBF16Support(&bf16_impl, &bf16_native); !s.ok()) {
+      return fail(Status::FailedPrecondition("--precision bf16: " + s.message() +
+                                             "; use --precision f32"));
+    }
+  }
   std::unique_ptr<runtime::HfModel> model;
   runtime::LlamaConfig config;
   std::string tok_path = a.tokenizer;
@@ -268,6 +284,7 @@ int RunTrain(TrainArgs a) {
   eo.anchor_every = a.o.anchor_every;
   eo.ce_chunk_tokens = a.o.ce_chunk_tokens;
   eo.stage = a.o.stage;
+  eo.precision = a.o.precision;
   const runtime::ExecutorMemory em = runtime::TrainExecutor::Estimate(config, eo);
   const size_t store_bytes = (2 * layout->total() + 2 * layout->slice_size()) * sizeof(float);
   const double need = static_cast<double>(store_bytes + em.total());
@@ -317,6 +334,14 @@ int RunTrain(TrainArgs a) {
                  static_cast<long long>(config.vocab_size), size, threads,
                  static_cast<long long>(a.o.batch), static_cast<long long>(a.o.seq),
                  corpus->size(), runtime::UnigramEntropy(corpus->tokens()));
+    if (a.o.precision == runtime::Precision::kBF16) {
+      std::fprintf(stderr,
+                   "strata train: precision bf16: bf16 working copies and matrix products with "
+                   "f32 accumulation (oneDNN %s%s); f32 master weights, gradients and AdamW\n",
+                   bf16_impl.c_str(),
+                   bf16_native ? "" : ", emulated: this CPU lacks AVX512-BF16, expect it slower "
+                                      "than f32");
+    }
   }
   if (a.memory_report && rank == 0) {
     const runtime::ExecutorMemory m = tr.executor().memory();
@@ -602,6 +627,12 @@ void AddTrainCommand(CLI::App& root, std::vector<Command>& commands) {
   app->add_option("--stage", a->stage,
                   "weight staging: auto, zero-copy, or copy (double-buffered copies, the "
                   "discrete-device data path)")
+      ->capture_default_str();
+  app->add_option("--precision", a->precision,
+                  "f32, or bf16: layers staged as bf16 working copies and matrix products in "
+                  "bf16 with f32 accumulation (LM head included; attention, norms, loss, "
+                  "gradients, AdamW and the master weights stay f32). Needs oneDNN bf16 support "
+                  "(AVX512-BF16, or emulated on AVX-512); refused otherwise")
       ->capture_default_str();
   app->add_option("--threads", a->threads, "compute threads per rank (0: cores / local ranks)")
       ->capture_default_str();

@@ -75,6 +75,7 @@ StatusOr<std::unique_ptr<DpTrainer>> DpTrainer::Create(const runtime::LlamaConfi
   eo.anchor_every = options.anchor_every;
   eo.ce_chunk_tokens = options.ce_chunk_tokens;
   eo.stage = options.stage;
+  eo.precision = options.precision;
   eo.pool = pool;
   STRATA_ASSIGN_OR_RETURN(t->exec_, runtime::TrainExecutor::Create(config, store, eo));
   t->tokens_.resize(static_cast<size_t>(t->micro_ * (options.seq + 1)));

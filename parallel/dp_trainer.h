@@ -43,6 +43,7 @@ struct DpTrainOptions {
   int anchor_every = 1;
   int64_t ce_chunk_tokens = 128;
   runtime::StageMode stage = runtime::StageMode::kAuto;
+  runtime::Precision precision = runtime::Precision::kF32;  // of the executor's products
 };
 
 struct StepStats {

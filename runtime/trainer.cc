@@ -14,6 +14,7 @@
 
 #include "base/check.h"
 #include "base/clock.h"
+#include "kernels/cpu/sgemm.h"
 #include "kernels/ops.h"
 #include "kernels/train.h"
 #include "runtime/file_util.h"
@@ -35,6 +36,7 @@ bool IsNorm(const std::string& name) { return name.find("norm") != std::string::
 float* F(AlignedBuffer& b) { return b.as<float>(); }
 
 AlignedBuffer Floats(int64_t n) { return AlignedBuffer(static_cast<size_t>(n) * sizeof(float)); }
+AlignedBuffer Halves(int64_t n) { return AlignedBuffer(static_cast<size_t>(n) * sizeof(uint16_t)); }
 
 // Row- and element-wise ops over the pool: each element is computed exactly as on one thread
 // (no sums across the split), so the split changes nothing in the result.
@@ -88,6 +90,14 @@ void RopeRows(float* x, int64_t n, int64_t heads, int64_t hd, const int32_t* pos
 }
 
 }  // namespace
+
+StatusOr<Precision> ParsePrecision(std::string_view name) {
+  if (name == "f32") return Precision::kF32;
+  if (name == "bf16") return Precision::kBF16;
+  return Status::InvalidArgument(fmt::format("precision must be f32 or bf16, not '{}'", name));
+}
+
+const char* PrecisionName(Precision p) { return p == Precision::kBF16 ? "bf16" : "f32"; }
 
 StatusOr<memory::ParamLayout> LlamaParamLayout(const LlamaConfig& config, int ranks) {
   memory::ParamLayout layout;
@@ -202,6 +212,14 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
   }
   if (options.anchor_every < 1) return Status::InvalidArgument("anchor_every must be >= 1");
   if (options.ce_chunk_tokens < 1) return Status::InvalidArgument("ce_chunk_tokens must be >= 1");
+  const bool bf16 = options.precision == Precision::kBF16;
+  if (bf16 && options.stage == StageMode::kZeroCopy) {
+    return Status::InvalidArgument(
+        "bf16 precision stages bf16 working copies of the weights, so it cannot be zero-copy "
+        "(use stage auto or copy)");
+  }
+  // Never a silent fallback to f32: a CPU where oneDNN cannot multiply bf16 is an error.
+  if (bf16) STRATA_RETURN_IF_ERROR(kernels::cpu::GemmBF16Support());
   std::unique_ptr<TrainExecutor> x(new TrainExecutor());
   x->config_ = config;
   x->store_ = store;
@@ -262,12 +280,22 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
   x->dk_ = Floats(n * kvd);
   x->dv_ = Floats(n * kvd);
   x->xf_ = Floats(n * d);
+  x->bf16_ = bf16;
+  if (bf16) {
+    x->a16_ = Halves(n * d);
+    x->o16_ = Halves(n * qd);
+    x->bn16_ = Halves(n * d);
+    x->s16_ = Halves(n * I);
+    x->xf16_ = Halves(n * d);
+    x->dy16_ = Halves(n * std::max({I, d, qd}));
+    x->head16_ = Halves(config.vocab_size * d);
+  }
 
-  x->zero_copy_ = options.stage != StageMode::kCopy;
+  // bf16 working copies are real copies even though the CPU could read the store in place.
+  x->zero_copy_ = options.stage != StageMode::kCopy && !bf16;
   if (!x->zero_copy_) {
-    size_t layer_floats = 0;
-    for (int t = 0; t < 9; ++t) layer_floats += (x->layers_[0].e[t]->numel + 15) / 16 * 16;
-    for (auto& s : x->slot_) s = Floats(static_cast<int64_t>(layer_floats));
+    const size_t slot_bytes = SlotLayout(config, options.precision, x->slot_off_);
+    for (auto& s : x->slot_) s = AlignedBuffer(slot_bytes);
     x->stager_ = std::thread([p = x.get()] { p->StagerLoop(); });
   }
   return x;
@@ -284,19 +312,38 @@ TrainExecutor::~TrainExecutor() {
   }
 }
 
+size_t TrainExecutor::SlotLayout(const LlamaConfig& c, Precision p, size_t offsets[9]) {
+  const size_t d = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim(), I = c.intermediate_size;
+  // kLayerTensors order; norm gains stay f32, matrices take the working precision.
+  const size_t numel[9] = {d, qd * d, kvd * d, kvd * d, d * qd, d, I * d, I * d, d * I};
+  const size_t matrix_bytes = p == Precision::kBF16 ? sizeof(uint16_t) : sizeof(float);
+  size_t off = 0;
+  for (int t = 0; t < 9; ++t) {
+    offsets[t] = off;
+    const bool norm = t == 0 || t == 5;
+    off += (numel[t] * (norm ? sizeof(float) : matrix_bytes) + 63) / 64 * 64;
+  }
+  return off;
+}
+
 ExecutorMemory TrainExecutor::Estimate(const LlamaConfig& c, const ExecutorOptions& o) {
   const size_t n = static_cast<size_t>(o.batch * o.seq), d = c.hidden_size, qd = c.q_dim();
   const size_t kvd = c.kv_dim(), I = c.intermediate_size, L = c.num_hidden_layers;
+  const size_t V = c.vocab_size;
   const size_t K = static_cast<size_t>(std::max(1, o.anchor_every)), f = sizeof(float);
+  const bool bf16 = o.precision == Precision::kBF16;
+  const size_t h = sizeof(uint16_t);
   ExecutorMemory m;
   m.anchors = ((L + K - 1) / K + 1) * n * d * f;
   m.workspace = ((std::min(K, L) - 1) * n * d + 8 * n * d + 4 * n * qd + 4 * n * kvd +
                  4 * n * I + static_cast<size_t>(o.batch * c.num_attention_heads * o.seq)) * f;
-  if (o.stage == StageMode::kCopy) {
-    const size_t layer = 2 * d + d * qd + 2 * d * kvd + qd * d + 3 * d * I + 9 * 16;
-    m.staging = 2 * layer * f;
+  if (bf16) m.workspace += (3 * n * d + n * qd + n * I + n * std::max({I, d, qd})) * h;
+  if (o.stage == StageMode::kCopy || bf16) {
+    size_t offsets[9];
+    m.staging = 2 * SlotLayout(c, o.precision, offsets);
   }
-  m.loss_scratch = static_cast<size_t>(o.ce_chunk_tokens) * c.vocab_size * f;
+  if (bf16) m.staging += V * d * h;
+  m.loss_scratch = static_cast<size_t>(o.ce_chunk_tokens) * V * (f + (bf16 ? h : 0));
   return m;
 }
 
@@ -306,20 +353,22 @@ ExecutorMemory TrainExecutor::memory() const {
   m.anchors += h_final_.size();
   for (const auto& b : segment_) m.workspace += b.size();
   for (const AlignedBuffer* b : {&ping_, &pong_, &a_, &q_, &k_, &v_, &o_, &lse_, &h2_, &bn_, &g_,
-                                 &u_, &s_, &dh_, &ds_, &dx_, &do_, &dq_, &dk_, &dv_, &xf_}) {
+                                 &u_, &s_, &dh_, &ds_, &dx_, &do_, &dq_, &dk_, &dv_, &xf_, &a16_,
+                                 &o16_, &bn16_, &s16_, &xf16_, &dy16_}) {
     m.workspace += b->size();
   }
-  m.staging = slot_[0].size() + slot_[1].size();
-  m.loss_scratch = static_cast<size_t>(opts_.ce_chunk_tokens) * config_.vocab_size * sizeof(float);
+  m.staging = slot_[0].size() + slot_[1].size() + head16_.size();
+  // The loss chunk lives in kernels/train.h's per-thread scratch: f32 logits, bf16 dlogits.
+  m.loss_scratch = static_cast<size_t>(opts_.ce_chunk_tokens) * config_.vocab_size *
+                   (sizeof(float) + (bf16_ ? sizeof(uint16_t) : 0));
   return m;
 }
 
 TrainExecutor::LayerWeights TrainExecutor::StoreWeights(int layer) const {
   const float* base = store_->weights();
   const auto& e = layers_[layer].e;
-  return {base + e[0]->offset, base + e[1]->offset, base + e[2]->offset,
-          base + e[3]->offset, base + e[4]->offset, base + e[5]->offset,
-          base + e[6]->offset, base + e[7]->offset, base + e[8]->offset};
+  auto m = [&](int t) { return Mat{base + e[t]->offset, nullptr}; };
+  return {base + e[0]->offset, m(1), m(2), m(3), m(4), base + e[5]->offset, m(6), m(7), m(8)};
 }
 
 TrainExecutor::LayerGrads TrainExecutor::StoreGrads(int layer) {
@@ -354,11 +403,18 @@ void TrainExecutor::StagerLoop() {
       i = filled_;
       layer = schedule_[i];
     }
-    float* dst = F(slot_[i % 2]);
+    auto* dst = slot_[i % 2].as<uint8_t>();
     const auto& e = layers_[layer].e;
     for (int t = 0; t < 9; ++t) {
-      std::memcpy(dst, store_->weights() + e[t]->offset, e[t]->numel * sizeof(float));
-      dst += (e[t]->numel + 15) / 16 * 16;
+      const float* src = store_->weights() + e[t]->offset;
+      const bool norm = t == 0 || t == 5;
+      if (bf16_ && !norm) {
+        // On this thread alone: compute keeps the pool.
+        kernels::ConvertToBF16(reinterpret_cast<uint16_t*>(dst + slot_off_[t]), src,
+                               e[t]->numel, nullptr);
+      } else {
+        std::memcpy(dst + slot_off_[t], src, e[t]->numel * sizeof(float));
+      }
     }
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -378,16 +434,13 @@ TrainExecutor::LayerWeights TrainExecutor::StageAcquire(size_t i) {
       stage_wait_ns_ += NowNs() - t0;
     }
   }
-  const float* p = F(slot_[i % 2]);
-  const auto& e = layers_[schedule_[i]].e;
-  LayerWeights w;
-  const float** out[9] = {&w.attn_norm, &w.wq, &w.wk, &w.wv, &w.wo,
-                          &w.ffn_norm,  &w.wg, &w.wu, &w.wd};
-  for (int t = 0; t < 9; ++t) {
-    *out[t] = p;
-    p += (e[t]->numel + 15) / 16 * 16;
-  }
-  return w;
+  const auto* p = slot_[i % 2].as<uint8_t>();
+  auto norm = [&](int t) { return reinterpret_cast<const float*>(p + slot_off_[t]); };
+  auto m = [&](int t) {
+    return bf16_ ? Mat{nullptr, reinterpret_cast<const uint16_t*>(p + slot_off_[t])}
+                 : Mat{reinterpret_cast<const float*>(p + slot_off_[t]), nullptr};
+  };
+  return {norm(0), m(1), m(2), m(3), m(4), norm(5), m(6), m(7), m(8)};
 }
 
 void TrainExecutor::StageRelease(size_t i) {
@@ -412,6 +465,31 @@ void TrainExecutor::StageFinish() {
 
 // ---- the model -----------------------------------------------------------------------------
 
+TrainExecutor::Mat TrainExecutor::Operand(const float* x, AlignedBuffer& buf, int64_t K) {
+  if (!bf16_) return {x, nullptr};
+  auto* h = buf.as<uint16_t>();
+  kernels::ConvertToBF16(h, x, static_cast<size_t>(n_ * K), opts_.pool);
+  return {nullptr, h};
+}
+
+void TrainExecutor::Linear(float* y, Mat x, Mat W, int64_t N, int64_t K) {
+  if (bf16_) {
+    kernels::MatmulForwardBF16(y, x.h, W.h, n_, N, K, opts_.pool);
+  } else {
+    kernels::MatmulForward(y, x.f, W.f, n_, N, K, opts_.pool);
+  }
+}
+
+void TrainExecutor::LinearBackward(float* dx, float* dW, const float* dy, Mat x, Mat W, int64_t N,
+                                   int64_t K, bool accumulate_dx) {
+  if (bf16_) {
+    const Mat dyh = Operand(dy, dy16_, N);
+    kernels::MatmulBackwardBF16(dx, dW, dyh.h, x.h, W.h, n_, N, K, opts_.pool, accumulate_dx);
+  } else {
+    kernels::MatmulBackward(dx, dW, dy, x.f, W.f, n_, N, K, opts_.pool, accumulate_dx);
+  }
+}
+
 void TrainExecutor::LayerForward(const LayerWeights& w, const float* h_in, float* h_out) {
   const LlamaConfig& c = config_;
   const int64_t n = n_, d = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
@@ -419,22 +497,26 @@ void TrainExecutor::LayerForward(const LayerWeights& w, const float* h_in, float
   const int64_t D = c.head_dim;
   ThreadPool* pool = opts_.pool;
   RmsNormRows(F(a_), h_in, w.attn_norm, n, d, c.rms_norm_eps, pool);
-  kernels::MatmulForward(F(q_), F(a_), w.wq, n, qd, d, pool);
-  kernels::MatmulForward(F(k_), F(a_), w.wk, n, kvd, d, pool);
-  kernels::MatmulForward(F(v_), F(a_), w.wv, n, kvd, d, pool);
+  const Mat a = Operand(F(a_), a16_, d);
+  Linear(F(q_), a, w.wq, qd, d);
+  Linear(F(k_), a, w.wk, kvd, d);
+  Linear(F(v_), a, w.wv, kvd, d);
   RopeRows(F(q_), n, H, D, positions_.data(), c.rope_theta, false, pool);
   RopeRows(F(k_), n, KV, D, positions_.data(), c.rope_theta, false, pool);
   kernels::AttentionTrainForward(F(o_), F(lse_), F(q_), F(k_), F(v_), opts_.batch, opts_.seq, H,
                                  KV, D, pool);
-  kernels::MatmulForward(F(h2_), F(o_), w.wo, n, d, qd, pool);
+  Linear(F(h2_), Operand(F(o_), o16_, qd), w.wo, d, qd);
   AddInPlace(F(h2_), h_in, n, d, pool);
   RmsNormRows(F(bn_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps, pool);
-  kernels::MatmulForward(F(g_), F(bn_), w.wg, n, I, d, pool);
-  kernels::MatmulForward(F(u_), F(bn_), w.wu, n, I, d, pool);
+  const Mat bn = Operand(F(bn_), bn16_, d);
+  Linear(F(g_), bn, w.wg, I, d);
+  Linear(F(u_), bn, w.wu, I, d);
   SwiGLURows(F(s_), F(g_), F(u_), n, I, pool);
-  // The backward needs the down projection's input, not its output: a recompute skips it.
+  // The backward needs the down projection's input (bf16: rounded), not its output: a recompute
+  // skips it.
+  const Mat s = Operand(F(s_), s16_, I);
   if (h_out == nullptr) return;
-  kernels::MatmulForward(h_out, F(s_), w.wd, n, d, I, pool);
+  Linear(h_out, s, w.wd, d, I);
   AddInPlace(h_out, F(h2_), n, d, pool);
 }
 
@@ -445,22 +527,26 @@ void TrainExecutor::LayerBackward(const LayerWeights& w, const LayerGrads& g, co
   const int64_t D = c.head_dim;
   ThreadPool* pool = opts_.pool;
   float* dh = F(dh_);  // d(output) on entry; becomes d(h2), then d(input)
+  // The products' inputs as the forward (or its recompute) left them: f32, or their bf16 copies.
+  auto in = [&](AlignedBuffer& f32, AlignedBuffer& h) {
+    return bf16_ ? Mat{nullptr, h.as<uint16_t>()} : Mat{F(f32), nullptr};
+  };
   // FFN: out = h2 + down(silu(gate(bn)) * up(bn)), bn = rmsnorm(h2).
-  kernels::MatmulBackward(F(ds_), g.wd, dh, F(s_), w.wd, n, d, I, pool);
+  LinearBackward(F(ds_), g.wd, dh, in(s_, s16_), w.wd, d, I);
   SwiGLUBackwardRows(F(g_), F(u_), F(ds_), F(g_), F(u_), n, I, pool);  // dgate, dup in place
-  kernels::MatmulBackward(F(dx_), g.wg, F(g_), F(bn_), w.wg, n, I, d, pool);
-  kernels::MatmulBackward(F(dx_), g.wu, F(u_), F(bn_), w.wu, n, I, d, pool, /*accumulate_dx=*/true);
+  LinearBackward(F(dx_), g.wg, F(g_), in(bn_, bn16_), w.wg, I, d);
+  LinearBackward(F(dx_), g.wu, F(u_), in(bn_, bn16_), w.wu, I, d, /*accumulate_dx=*/true);
   kernels::RmsNormBackward(dh, g.ffn_norm, F(dx_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps,
                            /*accumulate_dx=*/true);
   // Attention: h2 = h + o_proj(attn(rope(q(a)), rope(k(a)), v(a))), a = rmsnorm(h).
-  kernels::MatmulBackward(F(do_), g.wo, dh, F(o_), w.wo, n, d, qd, pool);
+  LinearBackward(F(do_), g.wo, dh, in(o_, o16_), w.wo, d, qd);
   kernels::AttentionTrainBackward(F(dq_), F(dk_), F(dv_), F(do_), F(q_), F(k_), F(v_), F(o_),
                                   F(lse_), opts_.batch, opts_.seq, H, KV, D, pool);
   RopeRows(F(dq_), n, H, D, positions_.data(), c.rope_theta, true, pool);
   RopeRows(F(dk_), n, KV, D, positions_.data(), c.rope_theta, true, pool);
-  kernels::MatmulBackward(F(dx_), g.wq, F(dq_), F(a_), w.wq, n, qd, d, pool);
-  kernels::MatmulBackward(F(dx_), g.wk, F(dk_), F(a_), w.wk, n, kvd, d, pool, true);
-  kernels::MatmulBackward(F(dx_), g.wv, F(dv_), F(a_), w.wv, n, kvd, d, pool, true);
+  LinearBackward(F(dx_), g.wq, F(dq_), in(a_, a16_), w.wq, qd, d);
+  LinearBackward(F(dx_), g.wk, F(dk_), in(a_, a16_), w.wk, kvd, d, true);
+  LinearBackward(F(dx_), g.wv, F(dv_), in(a_, a16_), w.wv, kvd, d, true);
   kernels::RmsNormBackward(dh, g.attn_norm, F(dx_), h_in, w.attn_norm, n, d, c.rms_norm_eps,
                            /*accumulate_dx=*/true);
 }
@@ -532,10 +618,21 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
   }
   kernels::RmsNorm(F(xf_), F(h_final_), store_->weight(*final_norm_), n, d, c.rms_norm_eps);
   float* dxf = F(dx_);
-  const double loss = kernels::CrossEntropyLmHead(
-      backward ? dxf : nullptr, backward ? store_->grad(*lm_head_) : nullptr, F(xf_),
-      store_->weight(*lm_head_), targets_.data(), n, d, V, opts_.ce_chunk_tokens, grad_scale,
-      pool);
+  float* dhead = backward ? store_->grad(*lm_head_) : nullptr;
+  double loss;
+  if (bf16_) {
+    // The head's bf16 working copy, from this step's master weights.
+    kernels::ConvertToBF16(head16_.as<uint16_t>(), store_->weight(*lm_head_),
+                           static_cast<size_t>(V * d), pool);
+    const Mat xf = Operand(F(xf_), xf16_, d);
+    loss = kernels::CrossEntropyLmHeadBF16(backward ? dxf : nullptr, dhead, xf.h,
+                                           head16_.as<uint16_t>(), targets_.data(), n, d, V,
+                                           opts_.ce_chunk_tokens, grad_scale, pool);
+  } else {
+    loss = kernels::CrossEntropyLmHead(backward ? dxf : nullptr, dhead, F(xf_),
+                                       store_->weight(*lm_head_), targets_.data(), n, d, V,
+                                       opts_.ce_chunk_tokens, grad_scale, pool);
+  }
   if (!backward) {
     StageFinish();
     return loss;

@@ -14,6 +14,22 @@
 // recompute and the reverse walk). Compute here is the CPU, which shares host memory, so for f32
 // staging is zero-copy by default; StageMode::kCopy makes real double-buffered copies, the data
 // path a discrete device (a CUDA backend, not built yet) would use, bit-identical on the CPU.
+//
+// Precision::kBF16 (mixed precision, `strata train --precision bf16`): the master weights, the
+// gradients accumulated into the store and AdamW stay f32. The stager converts each layer's
+// matrices into bf16 working copies in the two slots (norm gains stay f32), so in bf16 staging is
+// always a real double-buffered copy; each activation entering a matrix product is rounded to bf16
+// once into a workspace buffer, and the products run in bf16 with f32 accumulation into f32
+// outputs (kernels::MatmulForwardBF16). Norms, RoPE, SwiGLU, residual adds, the loss's softmax
+// and every gradient between the products stay f32.
+// - The LM head runs in bf16 too (a bf16 copy of the head made each step, the final hidden state
+//   and each chunk's dlogits rounded): it is the largest product, and it is what autocast does.
+// - Attention (QK^T, softmax, PV and their backward) stays f32: its products are small here
+//   (head_dim 32..128, 64-row blocks, about a tenth of the FLOPs at seq 256), rounding q, k, v
+//   and P for each block would cost about what bf16 saves, and the softmax statistics the
+//   backward rebuilds from (lse) stay exact.
+// Deterministic like f32: conversions are elementwise, the bf16 products single-threaded per
+// call over fixed slices.
 #pragma once
 
 #include <condition_variable>
@@ -22,6 +38,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -54,12 +71,19 @@ Status SaveHfFolder(const memory::ParamStore& store, const LlamaConfig& config,
 
 enum class StageMode { kAuto, kZeroCopy, kCopy };
 
+// Precision of the matrix products and of the weights' working copies (see the top of the file).
+enum class Precision { kF32, kBF16 };
+// "f32" / "bf16" (InvalidArgument otherwise) and back.
+StatusOr<Precision> ParsePrecision(std::string_view name);
+const char* PrecisionName(Precision p);
+
 struct ExecutorOptions {
   int64_t batch = 1;          // sequences per ForwardBackward call (micro-batch)
   int64_t seq = 64;           // tokens per sequence (inputs; targets are shifted by one)
   int anchor_every = 1;       // keep a layer-boundary activation every K layers
   int64_t ce_chunk_tokens = 128;  // rows of logits alive at once in the loss
-  StageMode stage = StageMode::kAuto;
+  StageMode stage = StageMode::kAuto;  // kZeroCopy is refused with kBF16 (working copies differ)
+  Precision precision = Precision::kF32;  // kBF16 fails in Create where oneDNN cannot run it
   ThreadPool* pool = nullptr;  // null: the caller's thread only
 };
 
@@ -67,8 +91,11 @@ struct ExecutorOptions {
 struct ExecutorMemory {
   size_t anchors = 0;      // layer-boundary activations kept from forward to backward
   size_t workspace = 0;    // one layer's internals, its backward temporaries, the head's
-  size_t staging = 0;      // the two weight staging slots (0 when zero-copy)
-  size_t loss_scratch = 0; // one chunk of logits (kernels/train.h CrossEntropyLmHead)
+                           // (bf16: plus the bf16 copies of the products' inputs)
+  size_t staging = 0;      // the two weight staging slots (0 when zero-copy; bf16: plus the
+                           // LM head's bf16 working copy)
+  size_t loss_scratch = 0; // one chunk of logits (kernels/train.h CrossEntropyLmHead; bf16:
+                           // plus the chunk's bf16 dlogits)
   size_t total() const { return anchors + workspace + staging + loss_scratch; }
 };
 
@@ -92,20 +119,21 @@ class TrainExecutor {
   static ExecutorMemory Estimate(const LlamaConfig& config, const ExecutorOptions& options);
   ExecutorMemory memory() const;
   bool zero_copy() const { return zero_copy_; }
+  Precision precision() const { return opts_.precision; }
   // Milliseconds compute waited for a staged layer, summed since creation.
   double stage_wait_ms() const { return stage_wait_ns_ / 1e6; }
 
  private:
+  // A matrix operand in the executor's precision: f32 (f) or bf16 (h), the other null.
+  struct Mat {
+    const float* f;
+    const uint16_t* h;
+  };
   struct LayerWeights {
     const float* attn_norm;
-    const float* wq;
-    const float* wk;
-    const float* wv;
-    const float* wo;
+    Mat wq, wk, wv, wo;
     const float* ffn_norm;
-    const float* wg;
-    const float* wu;
-    const float* wd;
+    Mat wg, wu, wd;
   };
   struct LayerGrads {
     float* attn_norm;
@@ -127,6 +155,15 @@ class TrainExecutor {
   // Backward of the layer whose internals are in the workspace (computed from h_in): dh_ holds
   // the gradient of the layer's output on entry and of its input on return.
   void LayerBackward(const LayerWeights& w, const LayerGrads& g, const float* h_in);
+  // x [n, K] as a product operand: itself in f32; in bf16 rounded into `buf` (n * K halves).
+  Mat Operand(const float* x, AlignedBuffer& buf, int64_t K);
+  // y[n, N] = x · W^T and its backward (kernels/train.h MatmulForward/MatmulBackward) in the
+  // executor's precision; bf16 rounds dy into dy16_ itself.
+  void Linear(float* y, Mat x, Mat W, int64_t N, int64_t K);
+  void LinearBackward(float* dx, float* dW, const float* dy, Mat x, Mat W, int64_t N, int64_t K,
+                      bool accumulate_dx = false);
+  // Byte offsets of the 9 layer tensors in a staging slot and the slot's size.
+  static size_t SlotLayout(const LlamaConfig& c, Precision p, size_t offsets[9]);
   StatusOr<double> Run(const int32_t* tokens, float grad_scale, bool backward);
 
   // Staging: the layers of one step in walk order; Acquire(i) returns entry i's weights.
@@ -159,10 +196,15 @@ class TrainExecutor {
   AlignedBuffer ping_, pong_, h_final_;
   AlignedBuffer a_, q_, k_, v_, o_, lse_, h2_, bn_, g_, u_, s_;
   AlignedBuffer dh_, ds_, dx_, do_, dq_, dk_, dv_, xf_;
+  // bf16 only: rounded product inputs (a, o, bn, s, the final hidden state, one gradient at a
+  // time) and the LM head's working copy.
+  AlignedBuffer a16_, o16_, bn16_, s16_, xf16_, dy16_, head16_;
 
   // Staging slots (copy mode) and the stager thread.
   bool zero_copy_ = true;
+  bool bf16_ = false;
   AlignedBuffer slot_[2];
+  size_t slot_off_[9] = {};
   std::vector<int> schedule_;
   size_t filled_ = 0;    // entries [0, filled_) have been staged
   size_t released_ = 0;  // entries [0, released_) have been released
