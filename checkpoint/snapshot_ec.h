@@ -54,6 +54,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/aligned_buffer.h"
 #include "base/status.h"
 #include "base/thread_pool.h"
 #include "checkpoint/erasure.h"
@@ -90,12 +91,12 @@ struct EcSegment {
 struct EcRebuilt {
   int64_t version = -1;
   proto::EcNodeManifest manifest;   // this node's (rank layout, sections, CRCs)
-  std::vector<uint8_t> data;        // the node buffer, manifest.node_bytes() bytes
+  AlignedBuffer data;               // the node buffer: manifest.node_bytes() bytes, then padding
   std::vector<int> repaired;        // group indices whose corrupted parity was rewritten
   std::vector<int> missing;         // nodes that were lost (this node included)
   double seconds = 0;
   // For AdoptRebuilt: this node's rebuilt parity, every node's manifest and parity CRC-32C.
-  std::vector<uint8_t> parity;
+  AlignedBuffer parity;
   std::vector<proto::EcNodeManifest> manifests;
   std::vector<uint32_t> parity_crc;
 };

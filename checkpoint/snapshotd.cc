@@ -878,6 +878,7 @@ void Snapshotd::ProcessEc() {
 }
 
 Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
+  const int64_t t0 = NowNs();
   const proto::EcNodeManifest& m = rebuilt.manifest;
   size_t off = 0;
   std::vector<EcSegment> segments;
@@ -902,13 +903,15 @@ Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
     const int i = st->committed_slot == 0 ? 1 : 0;
     Slot& s = st->slots[i];
     if (s.pins > 0) return Status::Unavailable("slot busy; retry");
-    std::memcpy(s.base, rebuilt.data.data() + off, bytes);
+    std::memcpy(s.base, rebuilt.data.as<uint8_t>() + off, bytes);
     s.version = rebuilt.version;
     s.published = true;
     s.sections.assign(rk.sections().begin(), rk.sections().end());
     segments.push_back({s.base, bytes});
     off += bytes;
   }
+  STRATA_LOG(DEBUG, CKPT, "snapshotd: rebuilt version {} copied into the slots in {:.3f} s",
+             rebuilt.version, (NowNs() - t0) / 1e9);
   world_size_ = m.world_size();
   committed_version_ = -1;
   for (auto& [rank, st] : ranks_) st.committed_slot = -1;

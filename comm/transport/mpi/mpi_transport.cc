@@ -1,5 +1,7 @@
 #include "comm/transport/mpi/mpi_transport.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -7,10 +9,49 @@
 #include <string>
 #include <vector>
 
+#include "base/clock.h"
+#include "base/env.h"
 #include "base/logging.h"
 
 namespace strata::comm::mpi {
 namespace {
+
+int64_t SpinNs() {
+  static const int64_t ns = [] {
+    StatusOr<int64_t> ms = EnvInt("STRATA_COMM_SPIN_MS");
+    if (!ms.ok() || *ms < 0 || *ms > 60000) {
+      STRATA_LOG(WARN, COMM, "ignoring STRATA_COMM_SPIN_MS: {}; using 2",
+                 ms.ok() ? fmt::format("{} is out of range [0, 60000]", *ms)
+                         : ms.status().message());
+      return int64_t{2} * 1000000;
+    }
+    return *ms * 1000000;
+  }();
+  return ns;
+}
+
+// Paces the poll loop of one wait. MPI (and Open MPI's yield_when_idle) keep a waiting rank on
+// its core, polling; that is right for the short waits of a collective, and wrong for a rank that
+// waits seconds for a peer: on a machine where ranks share cores (or share them with the node's
+// snapshotd while it rebuilds a lost node's snapshot) the poller takes CPU from the very process
+// it waits for. Past the spin phase each poll is followed by a sleep that doubles from 20 us to
+// 1 ms, which adds at most ~1 ms to a wait that has already lasted SpinNs().
+class PollPacer {
+ public:
+  PollPacer() : start_(NowNs()) {}
+  void Pause() {
+    if (sleep_us_ == 0) {
+      if (NowNs() - start_ < SpinNs()) return;
+      sleep_us_ = 20;
+    }
+    ::usleep(static_cast<useconds_t>(sleep_us_));
+    sleep_us_ = std::min(sleep_us_ * 2, 1000);
+  }
+
+ private:
+  int64_t start_;
+  int sleep_us_ = 0;
+};
 
 // bf16 and f16 have no MPI datatype: they travel as 2-byte contiguous types of their own so the
 // user-defined reduction can tell them apart.
@@ -109,20 +150,29 @@ class MpiTransport final : public Transport {
   }
 
   StatusOr<size_t> WaitAny(std::span<Request> requests, const Deadline& deadline) override {
+    PollPacer pacer;
     while (true) {
       STRATA_ASSIGN_OR_RETURN(size_t first, TestSome(requests, /*at_most_one=*/true));
       if (first != kNone) return first;
       if (deadline.expired()) return Timeout(requests);
+      pacer.Pause();
     }
   }
 
   Status WaitAll(std::span<Request> requests, const Deadline& deadline) override {
+    PollPacer pacer;
     while (true) {
       bool pending = false;
       for (Request r : requests) pending |= r != kNullRequest;
       if (!pending) return Status::OK();
-      if (StatusOr<size_t> r = TestSome(requests); !r.ok()) return r.status();
+      StatusOr<size_t> r = TestSome(requests);
+      if (!r.ok()) return r.status();
       if (deadline.expired()) return Timeout(requests);
+      if (*r != kNone) {
+        pacer = PollPacer();  // progress: the next wait starts spinning again
+      } else {
+        pacer.Pause();
+      }
     }
   }
 
