@@ -5,7 +5,12 @@ attention — SwiGLU, untied LM head), the same mean cross-entropy, clip_grad_no
 torch.optim.AdamW, trained on random token batches of the same shape. Autograd keeps every
 activation, as a plain PyTorch training loop does.
 
+--precision bf16 runs the forward under torch.autocast("cpu", dtype=torch.bfloat16), PyTorch's
+own mixed precision on the CPU (torch 1.13: matrix products in bf16 through oneDNN, master
+weights, gradients and AdamW in f32), the peer of `strata train --precision bf16`.
+
     torch_train.py --config CONFIG.json --vocab V --batch B --seq T --steps S [--threads N]
+                   [--precision f32|bf16]
 
 Prints one JSON object: tokens_per_s (median over the steps after the first), step_s, peak_rss_bytes.
 Run with the same OPENBLAS_* / OMP_* environment and thread count as strata.
@@ -99,6 +104,7 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--precision", choices=("f32", "bf16"), default="f32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     cfg = json.load(open(a.config))
@@ -113,7 +119,8 @@ def main():
         tokens = torch.randint(0, a.vocab, (a.batch, a.seq + 1), generator=gen)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(cfg, p, tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            loss = loss_fn(cfg, p, tokens)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(p.values()), 1.0)
         opt.step()
@@ -128,6 +135,7 @@ def main():
         "params": sum(v.numel() for v in p.values()),
         "losses": losses,
         "threads": a.threads,
+        "precision": a.precision,
         "torch": torch.__version__,
     }))
 
