@@ -116,6 +116,7 @@ class SnapshotClient {
   size_t bytes_ = 0;
   size_t slot_bytes_ = 0;
   uint8_t* slots_[2] = {nullptr, nullptr};
+  std::string slot_names_[2];  // their shared-memory names, as the manifests give them
   int64_t writing_version_ = -1;
   int writing_slot_ = -1;
   bool reattached_ = false;
