@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <barrier>
 #include <cerrno>
 #include <cstring>
 #include <random>
@@ -338,25 +339,50 @@ void EcPeer::DropVersion(int64_t version) {
   cv_.notify_all();
 }
 
+StatusOr<EcShm> EcShm::Create(const std::string& name, size_t bytes) {
+  const int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoStatus(fmt::format("shm_open {}", name), errno);
+  EcShm shm;
+  shm.name_ = name;  // unlinked by ~EcShm on every error below
+  if (const int e = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes)); e != 0) {
+    ::close(fd);
+    return ErrnoStatus(fmt::format("posix_fallocate {}", name), e);
+  }
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  const int err = errno;
+  ::close(fd);
+  if (p == MAP_FAILED) return ErrnoStatus(fmt::format("mmap {}", name), err);
+  shm.data_ = static_cast<uint8_t*>(p);
+  shm.size_ = bytes;
+  return shm;
+}
+
+EcShm& EcShm::operator=(EcShm&& o) noexcept {
+  if (this != &o) {
+    Reset();
+    name_ = std::move(o.name_);
+    data_ = o.data_;
+    size_ = o.size_;
+    o.Release();
+  }
+  return *this;
+}
+
+void EcShm::Reset() {
+  if (data_ != nullptr) ::munmap(data_, size_);
+  if (!name_.empty()) ::shm_unlink(name_.c_str());
+  Release();
+}
+
 Status EcPeer::EnsureParityShm(Version& v) {
   if (v.parity != nullptr || v.parity_len == 0) return Status::OK();
-  v.parity_name = EcParityShmName(options_.shm_run, options_.node, v.version);
-  const int fd = ::shm_open(v.parity_name.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) return ErrnoStatus(fmt::format("shm_open {}", v.parity_name), errno);
-  Status st;
-  if (const int e = ::posix_fallocate(fd, 0, static_cast<off_t>(v.parity_len)); e != 0) {
-    st = ErrnoStatus(fmt::format("posix_fallocate {}", v.parity_name), e);
-  } else {
-    void* p = ::mmap(nullptr, v.parity_len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (p == MAP_FAILED) {
-      st = ErrnoStatus(fmt::format("mmap {}", v.parity_name), errno);
-    } else {
-      v.parity = static_cast<uint8_t*>(p);
-    }
-  }
-  ::close(fd);
-  if (!st.ok()) ::shm_unlink(v.parity_name.c_str());
-  return st;
+  STRATA_ASSIGN_OR_RETURN(
+      EcShm shm,
+      EcShm::Create(EcParityShmName(options_.shm_run, options_.node, v.version), v.parity_len));
+  v.parity_name = shm.name();
+  v.parity = shm.data();
+  shm.Release();  // Retire unmaps and unlinks it
+  return Status::OK();
 }
 
 void EcPeer::SubmitLocal(int64_t version, proto::EcNodeManifest manifest,
@@ -735,6 +761,27 @@ Status EcPeer::SendToPeer(int li, const proto::EcPeerRequest& req, const EcSegme
   return st;
 }
 
+Status EcPeer::SendStriped(int fd, const Version& v, size_t chunk) const {
+  static const std::vector<uint8_t> zeros(kBulkChunk, 0);
+  const size_t P = v.parity_len / static_cast<size_t>(options_.m);
+  const size_t own = v.manifests[li_]->node_bytes();
+  const int timeout = options_.io_timeout_ms;
+  for (size_t o = 0; o < P; o += chunk) {
+    const size_t c = std::min(chunk, P - o);
+    for (int d = 0; d < options_.k; ++d) {
+      const size_t begin = static_cast<size_t>(d) * P + o;
+      const size_t have = begin >= own ? 0 : std::min(c, own - begin);
+      if (have > 0) STRATA_RETURN_IF_ERROR(SendBulk(fd, v.segments, begin, have, timeout));
+      if (have < c) STRATA_RETURN_IF_ERROR(WriteBytes(fd, zeros.data(), c - have, timeout));
+    }
+    for (int p = 0; p < options_.m; ++p) {
+      STRATA_RETURN_IF_ERROR(
+          WriteBytes(fd, v.parity + static_cast<size_t>(p) * P + o, c, timeout));
+    }
+  }
+  return Status::OK();
+}
+
 void EcPeer::ServeConnection(int fd) {
   for (;;) {
     proto::EcPeerRequest req;
@@ -744,6 +791,7 @@ void EcPeer::ServeConnection(int fd) {
     const uint8_t* bulk = nullptr;
     size_t bulk_len = 0;
     std::shared_ptr<Version> reading;  // holds readers while bulk is sent
+    size_t striped_chunk = 0;          // > 0: send the fragments striped (EcFetch)
     switch (req.body_case()) {
       case proto::EcPeerRequest::kAnnounce: {
         const auto& m = req.announce().manifest();
@@ -810,6 +858,22 @@ void EcPeer::ServeConnection(int fd) {
               "node {} does not hold version {}", options_.node, req.fetch().version())));
           break;
         }
+        if (req.fetch().chunk_bytes() > 0) {
+          Version& v = *it->second;
+          const size_t P = v.parity_len / static_cast<size_t>(options_.m);
+          if (!v.parity_complete || req.fetch().piece_bytes() != P) {
+            reply = ErrorReply(Status::FailedPrecondition(fmt::format(
+                "node {} holds version {} with pieces of {} bytes{}, not {}", options_.node,
+                v.version, P, v.parity_complete ? "" : " (parity incomplete)",
+                req.fetch().piece_bytes())));
+            break;
+          }
+          reading = it->second;
+          ++reading->readers;
+          striped_chunk = std::min<size_t>(req.fetch().chunk_bytes(), kBulkChunk);
+          reply.set_length(static_cast<uint64_t>(n_) * P);
+          break;
+        }
         reading = it->second;
         ++reading->readers;
         if (req.fetch().parity()) {
@@ -848,9 +912,33 @@ void EcPeer::ServeConnection(int fd) {
         reply = ErrorReply(Status::InvalidArgument("empty peer request"));
         break;
     }
+    if (striped_chunk > 0) {
+      // The receiver decodes as the chunks arrive and can check only the end result, so a
+      // fragment corrupted at rest here must be caught here: check this node's data and parity
+      // against their stored checksums first (~50 ms per GiB; the whole-buffer fetch instead
+      // lets the receiver check, and repair parity).
+      const char* bad = nullptr;
+      if (SegmentsCrc(reading->segments) != reading->manifests[li_]->node_crc32c()) {
+        bad = "data";
+      } else if (FragmentChecksum(reading->parity, reading->parity_len) != reading->parity_crc) {
+        bad = "parity";
+      }
+      if (bad != nullptr) {
+        reply = ErrorReply(Status::Corruption(fmt::format(
+            "node {}'s {} of version {} fails its CRC-32C", options_.node, bad,
+            reading->version)));
+        striped_chunk = 0;
+        std::lock_guard<std::mutex> lock(mu_);
+        --reading->readers;
+        Retire(*reading);
+        reading.reset();
+      }
+    }
     st = WriteFrame(fd, reply, options_.io_timeout_ms);
     if (st.ok() && reading) {
-      if (bulk != nullptr) {
+      if (striped_chunk > 0) {
+        st = SendStriped(fd, *reading, striped_chunk);
+      } else if (bulk != nullptr) {
         for (size_t o = 0; st.ok() && o < bulk_len; o += kBulkChunk) {
           st = WriteBytes(fd, bulk + o, std::min(kBulkChunk, bulk_len - o),
                           options_.io_timeout_ms);
@@ -908,7 +996,7 @@ Status EcPeer::HandlePiece(int fd, const proto::EcPiece& pc) {
 // ---------------------------------------------------------------------------------------------
 // Rebuild
 
-StatusOr<EcRebuilt> EcPeer::Rebuild() {
+StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
   const int64_t t0 = NowNs();
   std::vector<std::optional<proto::EcStateReply>> states(n_);
   int reachable = 0;
@@ -970,6 +1058,15 @@ StatusOr<EcRebuilt> EcPeer::Rebuild() {
   size_t B = 0;
   for (const auto& mf : ref->manifests()) B = std::max<size_t>(B, mf.node_bytes());
   STRATA_ASSIGN_OR_RETURN(StripeLayout layout, StripeLayout::Create(options_.k, options_.m, B));
+  if (target) {
+    STRATA_ASSIGN_OR_RETURN(std::vector<EcSegment> dest, target(ref->manifests(li_)));
+    StatusOr<EcRebuilt> streamed =
+        RebuildStreaming(ver, *ref, layout, present, parity_crc, dest, t0);
+    if (streamed.ok()) return streamed;
+    STRATA_LOG(WARN, CKPT, "snapshotd node {}: streaming rebuild of version {}: {}; fetching "
+                           "whole buffers instead", options_.node, ver,
+               streamed.status().ToString());
+  }
   const int64_t t_state = NowNs();
   // Uninitialized: every byte is either fetched, zeroed padding, or a decoding destination.
   // (Zero-filled vectors cost seconds here: the page faults plus a memset of ~3x the node's
@@ -1082,7 +1179,171 @@ StatusOr<EcRebuilt> EcPeer::Rebuild() {
   return out;
 }
 
-void EcPeer::AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
+StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& ref,
+                                             const StripeLayout& layout,
+                                             const std::vector<bool>& present,
+                                             const std::vector<uint32_t>& parity_crc,
+                                             const std::vector<EcSegment>& dest, int64_t t0) {
+  const int k = options_.k, m = options_.m;
+  const size_t P = layout.piece_bytes();
+  const size_t own = ref.manifests(li_).node_bytes();
+  size_t dest_bytes = 0;
+  for (const EcSegment& d : dest) dest_bytes += d.bytes;
+  if (dest_bytes != own) {
+    return Status::Internal(fmt::format("rebuild target holds {} bytes, the node buffer {}",
+                                        dest_bytes, own));
+  }
+  // A chunk of every fragment of every stripe is itself a group with pieces of c bytes: node j's
+  // k data pieces' chunks side by side (k * c bytes) and its m parity slots' (m * c), which is
+  // what the survivors send and what RebuildGroup decodes. Two sets, so that the survivors'
+  // chunk i + 1 arrives while chunk i is decoded.
+  constexpr size_t kChunk = 1 << 20;
+  std::vector<AlignedBuffer> cdata[2], cpar[2];
+  for (int set = 0; set < 2; ++set) {
+    for (int j = 0; j < n_; ++j) {
+      cdata[set].emplace_back(static_cast<size_t>(k) * kChunk, 4096);
+      cpar[set].emplace_back(static_cast<size_t>(m) * kChunk, 4096);
+    }
+  }
+  // The parity goes straight into the version's parity object, which AdoptRebuilt takes over;
+  // never over one this node still maps (AdoptRebuilt's DropVersion would unlink it by name).
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = versions_.find(ver);
+    if (it != versions_.end() && it->second->parity != nullptr) {
+      return Status::FailedPrecondition(
+          fmt::format("version {} already has a parity buffer on this node", ver));
+    }
+  }
+  STRATA_ASSIGN_OR_RETURN(
+      EcShm parity_out,
+      EcShm::Create(EcParityShmName(options_.shm_run, options_.node, ver), layout.parity_bytes()));
+
+  struct Fds {
+    std::vector<int> fd;
+    ~Fds() {
+      for (int f : fd) {
+        if (f >= 0) ::close(f);
+      }
+    }
+  } conns{std::vector<int>(static_cast<size_t>(n_), -1)};
+  std::vector<int> senders;
+  for (int j = 0; j < n_; ++j) {
+    if (!present[j]) continue;
+    STRATA_ASSIGN_OR_RETURN(conns.fd[j], ConnectPeer(j));
+    proto::EcPeerRequest req;
+    req.mutable_fetch()->set_version(ver);
+    req.mutable_fetch()->set_chunk_bytes(kChunk);
+    req.mutable_fetch()->set_piece_bytes(P);
+    proto::EcPeerReply reply;
+    STRATA_RETURN_IF_ERROR(WriteFrame(conns.fd[j], req, options_.io_timeout_ms));
+    STRATA_RETURN_IF_ERROR(ReadFrame(conns.fd[j], &reply, options_.io_timeout_ms));
+    STRATA_RETURN_IF_ERROR(ReplyStatus(reply).WithContext(fmt::format("node {}", GroupNode(j))));
+    if (reply.length() != static_cast<uint64_t>(n_) * P) {
+      return Status::Corruption(fmt::format("node {} offers {} striped bytes, expected {}",
+                                            GroupNode(j), reply.length(), n_ * P));
+    }
+    senders.push_back(j);
+  }
+
+  const size_t chunks = (P + kChunk - 1) / kChunk;
+  auto chunk_len = [&](size_t i) { return std::min(kChunk, P - i * kChunk); };
+  std::atomic<bool> failed{false};
+  std::mutex err_mu;
+  Status first_error;
+  auto fail = [&](Status st) {
+    std::lock_guard<std::mutex> l(err_mu);
+    if (first_error.ok()) first_error = std::move(st);
+    failed.store(true);
+  };
+  std::barrier sync(static_cast<std::ptrdiff_t>(senders.size() + 1));
+  std::vector<std::thread> receivers;
+  for (int j : senders) {
+    receivers.emplace_back([&, j] {
+      for (size_t i = 0; i < chunks; ++i) {
+        if (!failed.load()) {
+          const size_t c = chunk_len(i);
+          Status st = ReadBulk(conns.fd[j], cdata[i % 2][j].as<uint8_t>(), k * c,
+                               options_.io_timeout_ms);
+          if (st.ok()) {
+            st = ReadBulk(conns.fd[j], cpar[i % 2][j].as<uint8_t>(), m * c,
+                          options_.io_timeout_ms);
+          }
+          if (!st.ok()) fail(st.WithContext(fmt::format("node {}", GroupNode(j))));
+        }
+        sync.arrive_and_wait();
+      }
+    });
+  }
+  auto decode = [&](size_t i) -> Status {
+    const int set = static_cast<int>(i % 2);
+    const size_t o = i * kChunk, c = chunk_len(i);
+    STRATA_ASSIGN_OR_RETURN(StripeLayout lc, StripeLayout::Create(k, m, k * c));
+    std::vector<uint8_t*> dp(n_), pp(n_);
+    for (int j = 0; j < n_; ++j) {
+      dp[j] = cdata[set][j].as<uint8_t>();
+      pp[j] = cpar[set][j].as<uint8_t>();
+    }
+    {
+      std::lock_guard<std::mutex> pl(pool_mu_);
+      STRATA_RETURN_IF_ERROR(RebuildGroup(*rs_, lc, dp.data(), pp.data(), present, pool_.get()));
+    }
+    for (int d = 0; d < k; ++d) {
+      const size_t begin = static_cast<size_t>(d) * P + o;
+      const size_t have = begin >= own ? 0 : std::min(c, own - begin);
+      const uint8_t* src = dp[li_] + static_cast<size_t>(d) * c;
+      // The target's segments are writable memory (EcRebuildTarget).
+      STRATA_RETURN_IF_ERROR(ForRange(dest, begin, have, [&](const uint8_t* to, size_t n) {
+        std::memcpy(const_cast<uint8_t*>(to), src, n);
+        src += n;
+        return Status::OK();
+      }));
+    }
+    for (int p = 0; p < m; ++p) {
+      std::memcpy(parity_out.data() + static_cast<size_t>(p) * P + o,
+                  pp[li_] + static_cast<size_t>(p) * c, c);
+    }
+    return Status::OK();
+  };
+  for (size_t i = 0; i <= chunks; ++i) {
+    if (i > 0 && !failed.load()) {
+      if (Status st = decode(i - 1); !st.ok()) fail(st);
+    }
+    if (i < chunks) sync.arrive_and_wait();
+  }
+  for (std::thread& t : receivers) t.join();
+  if (!first_error.ok()) return first_error;
+  const int64_t t_decoded = NowNs();
+
+  if (SegmentsCrc(dest) != ref.manifests(li_).node_crc32c()) {
+    return Status::Corruption(fmt::format(
+        "rebuilt snapshot version {} of node {} does not match its manifest's CRC-32C (a "
+        "survivor sent corrupted bytes)", ver, options_.node));
+  }
+  if (FragmentChecksum(parity_out.data(), parity_out.size()) != parity_crc[li_]) {
+    return Status::Corruption("rebuilt parity does not match the CRC-32C its node reported");
+  }
+  EcRebuilt out;
+  out.version = ver;
+  out.manifest = ref.manifests(li_);
+  out.in_place = true;
+  out.missing.push_back(options_.node);
+  for (int j = 0; j < n_; ++j) {
+    if (!present[j] && j != li_) out.missing.push_back(GroupNode(j));
+  }
+  out.parity_shm = std::move(parity_out);
+  out.parity_crc = parity_crc;
+  out.manifests.assign(ref.manifests().begin(), ref.manifests().end());
+  out.seconds = (NowNs() - t0) / 1e9;
+  STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: streaming rebuild of version {} from {} nodes: "
+                          "fetch + decode {:.3f} s, check {:.3f} s", options_.node, ver,
+             senders.size(), (t_decoded - t0) / 1e9, (NowNs() - t_decoded) / 1e9);
+  STRATA_LOG(INFO, CKPT, "snapshotd node {}: rebuilt version {} ({} bytes) by erasure decoding "
+                         "in {:.3f} s", options_.node, ver, own, out.seconds);
+  return out;
+}
+
+void EcPeer::AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
   std::unique_lock<std::mutex> lock(mu_);
   auto old = versions_.find(rebuilt.version);
   if (old != versions_.end()) DropVersion(rebuilt.version);
@@ -1092,13 +1353,20 @@ void EcPeer::AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segme
   v->nonce = rebuilt.manifest.nonce();
   v->segments = std::move(segments);
   for (int j = 0; j < n_; ++j) InstallAnnounce(*v, j, rebuilt.manifests[j]);
+  const bool in_shm = rebuilt.parity_shm.data() != nullptr;
+  const size_t have = in_shm ? rebuilt.parity_shm.size() : rebuilt.parity.size();
+  if (in_shm && v->parity == nullptr && v->parity_len == have) {
+    v->parity_name = rebuilt.parity_shm.name();
+    v->parity = rebuilt.parity_shm.data();
+    rebuilt.parity_shm.Release();  // Retire unmaps and unlinks it
+  }
   Status st = EnsureParityShm(*v);
-  if (!st.ok() || v->parity_len != rebuilt.parity.size()) {
+  if (!st.ok() || v->parity_len != have) {
     STRATA_LOG(ERROR, CKPT, "snapshotd node {}: keeping rebuilt parity: {}", options_.node,
                st.ToString());
     return;
   }
-  if (rebuilt.parity.size() > 0) std::memcpy(v->parity, rebuilt.parity.data(), v->parity_len);
+  if (!in_shm && have > 0) std::memcpy(v->parity, rebuilt.parity.data(), v->parity_len);
   v->stripe_done.assign(options_.m, true);
   v->parity_complete = true;
   v->parity_crc = rebuilt.parity_crc[li_];

@@ -87,6 +87,34 @@ struct EcSegment {
   size_t bytes = 0;
 };
 
+// A POSIX shared-memory object this process created (filled to its size with posix_fallocate,
+// so a full /dev/shm fails here rather than with SIGBUS later) and mapped read-write. Destroyed,
+// it is unmapped and unlinked, unless Release()d to a new owner, who then does both.
+class EcShm {
+ public:
+  static StatusOr<EcShm> Create(const std::string& name, size_t bytes);
+  EcShm() = default;
+  EcShm(EcShm&& o) noexcept { *this = std::move(o); }
+  EcShm& operator=(EcShm&& o) noexcept;
+  EcShm(const EcShm&) = delete;
+  EcShm& operator=(const EcShm&) = delete;
+  ~EcShm() { Reset(); }
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  const std::string& name() const { return name_; }
+  void Release() {
+    data_ = nullptr;
+    size_ = 0;
+    name_.clear();
+  }
+
+ private:
+  void Reset();
+  std::string name_;
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 // What Rebuild recovered for this node.
 struct EcRebuilt {
   int64_t version = -1;
@@ -99,7 +127,17 @@ struct EcRebuilt {
   AlignedBuffer parity;
   std::vector<proto::EcNodeManifest> manifests;
   std::vector<uint32_t> parity_crc;
+  // True when the node buffer was decoded straight into the target's segments (Rebuild with a
+  // target); `data` is then empty, and the parity is in `parity_shm` (the version's parity
+  // object, which AdoptRebuilt takes over), not in `parity`.
+  bool in_place = false;
+  EcShm parity_shm;
 };
+
+// Where Rebuild may decode this node's buffer: writable memory of manifest.node_bytes() bytes in
+// all, as segments in node-buffer order (snapshotd's rank slots), or an error.
+using EcRebuildTarget =
+    std::function<StatusOr<std::vector<EcSegment>>(const proto::EcNodeManifest& manifest)>;
 
 class EcPeer {
  public:
@@ -132,10 +170,18 @@ class EcPeer {
   // Recovers this node's node buffer from the survivors (see the file comment). NotFound when no
   // other node of the group holds a group-committed version (a fresh job); DataLoss when more
   // than m nodes are missing; Corruption when the rebuilt bytes do not match the manifest.
-  StatusOr<EcRebuilt> Rebuild();
+  //
+  // With a target, the survivors send their fragments striped, a chunk at a time, and the chunk
+  // is decoded straight into the target's memory as the next one arrives: no buffer of the
+  // survivors' data exists, and this node's data is not copied again afterwards (on a restarted
+  // node, first-touch page faults of such buffers cost more than the network). The survivors'
+  // bytes are then checked end to end, by the rebuilt data's and parity's checksums; if they do
+  // not match (or a survivor fails mid-way), Rebuild falls back to fetching whole buffers, which
+  // checks every survivor's fragment on its own and so finds and repairs a corrupted one.
+  StatusOr<EcRebuilt> Rebuild(const EcRebuildTarget& target = nullptr);
   // After Rebuild: the rebuilt data now lives in `segments` (the rank slots snapshotd wrote);
   // this node holds the version as group-committed again, parity included.
-  void AdoptRebuilt(const EcRebuilt& rebuilt, std::vector<EcSegment> segments);
+  void AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments);
 
   int group_size() const { return n_; }
   int group_index() const { return li_; }
@@ -149,6 +195,12 @@ class EcPeer {
   void AcceptLoop();
   void ServeConnection(int fd);
   Status HandlePiece(int fd, const proto::EcPiece& piece);
+  // The striped answer to an EcFetch with chunk_bytes (see snapshot.proto); v held as a reader.
+  Status SendStriped(int fd, const Version& v, size_t chunk) const;
+  StatusOr<EcRebuilt> RebuildStreaming(int64_t ver, const proto::EcHeld& ref,
+                                       const StripeLayout& layout, const std::vector<bool>& present,
+                                       const std::vector<uint32_t>& parity_crc,
+                                       const std::vector<EcSegment>& dest, int64_t t0);
   void SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest);
   // Runs fn on a detached thread that Shutdown waits for. mu_ held.
   void Spawn(std::function<void()> fn);

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sched.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
@@ -798,7 +799,8 @@ StatusOr<proto::LatestReply> Snapshotd::DoLatest(int64_t max_disk_version) {
       return reply;
     }
     if (committed_version_ < 0) {
-      auto rebuilt = ec_->Rebuild();
+      auto rebuilt = ec_->Rebuild(
+          [this](const proto::EcNodeManifest& m) { return RebuildSlots(m); });
       if (rebuilt.ok()) {
         STRATA_RETURN_IF_ERROR(InstallRebuilt(*rebuilt));
         reply.set_found(true);
@@ -877,16 +879,10 @@ void Snapshotd::ProcessEc() {
   }
 }
 
-Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
-  const int64_t t0 = NowNs();
-  const proto::EcNodeManifest& m = rebuilt.manifest;
-  size_t off = 0;
+StatusOr<std::vector<EcSegment>> Snapshotd::RebuildSlots(const proto::EcNodeManifest& m) {
   std::vector<EcSegment> segments;
   for (const proto::RankSnapshot& rk : m.ranks()) {
     const size_t bytes = rk.bytes_per_version();
-    if (off + bytes > rebuilt.data.size()) {
-      return Status::Corruption("rebuilt node buffer is shorter than its manifest says");
-    }
     RankState* st = nullptr;
     auto it = ranks_.find(rk.rank());
     if (it != ranks_.end()) {
@@ -901,17 +897,38 @@ Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
       STRATA_ASSIGN_OR_RETURN(st, OpenRank(rk.rank(), m.world_size(), bytes, &reattached));
     }
     const int i = st->committed_slot == 0 ? 1 : 0;
-    Slot& s = st->slots[i];
-    if (s.pins > 0) return Status::Unavailable("slot busy; retry");
-    std::memcpy(s.base, rebuilt.data.as<uint8_t>() + off, bytes);
+    if (st->slots[i].pins > 0) return Status::Unavailable("slot busy; retry");
+    segments.push_back({st->slots[i].base, bytes});
+  }
+  return segments;
+}
+
+Status Snapshotd::InstallRebuilt(EcRebuilt& rebuilt) {
+  const int64_t t0 = NowNs();
+  const proto::EcNodeManifest& m = rebuilt.manifest;
+  // The same slots RebuildSlots gave a streaming rebuild (nothing changed them since).
+  STRATA_ASSIGN_OR_RETURN(std::vector<EcSegment> segments, RebuildSlots(m));
+  size_t off = 0;
+  for (int r = 0; r < m.ranks_size(); ++r) {
+    const proto::RankSnapshot& rk = m.ranks(r);
+    const size_t bytes = rk.bytes_per_version();
+    if (!rebuilt.in_place) {
+      if (off + bytes > rebuilt.data.size()) {
+        return Status::Corruption("rebuilt node buffer is shorter than its manifest says");
+      }
+      std::memcpy(const_cast<uint8_t*>(segments[r].data), rebuilt.data.as<uint8_t>() + off,
+                  bytes);
+    }
+    RankState& st = ranks_.at(rk.rank());
+    Slot& s = st.slots[st.committed_slot == 0 ? 1 : 0];
     s.version = rebuilt.version;
     s.published = true;
     s.sections.assign(rk.sections().begin(), rk.sections().end());
-    segments.push_back({s.base, bytes});
     off += bytes;
   }
-  STRATA_LOG(DEBUG, CKPT, "snapshotd: rebuilt version {} copied into the slots in {:.3f} s",
-             rebuilt.version, (NowNs() - t0) / 1e9);
+  STRATA_LOG(DEBUG, CKPT, "snapshotd: rebuilt version {} {} the slots in {:.3f} s",
+             rebuilt.version, rebuilt.in_place ? "(decoded in place) installed in" : "copied into",
+             (NowNs() - t0) / 1e9);
   world_size_ = m.world_size();
   committed_version_ = -1;
   for (auto& [rank, st] : ranks_) st.committed_slot = -1;
@@ -938,9 +955,10 @@ Status Snapshotd::InstallRebuilt(const EcRebuilt& rebuilt) {
   for (int n : rebuilt.missing) missing += fmt::format("{}{}", missing.empty() ? "" : ",", n);
   for (int n : rebuilt.repaired) repaired += fmt::format("{}{}", repaired.empty() ? "" : ",", n);
   rebuilt_note_ = fmt::format(
-      "version {} of node {} was rebuilt by erasure decoding (k={} m={}, lost nodes {}) in "
+      "version {} of node {} was rebuilt by erasure decoding (k={} m={}, lost nodes {}; {}) in "
       "{:.3f} s{}", rebuilt.version, options_.node, options_.ec_k, options_.ec_m, missing,
-      rebuilt.seconds, repaired.empty() ? "" : "; repaired corrupted parity of nodes " + repaired);
+      rebuilt.in_place ? "streamed, decoded in place" : "whole buffers fetched", rebuilt.seconds,
+      repaired.empty() ? "" : "; repaired corrupted parity of nodes " + repaired);
   STRATA_LOG(INFO, CKPT, "snapshotd: {}", rebuilt_note_);
   return Status::OK();
 }
@@ -1147,12 +1165,22 @@ Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strat
   argv.push_back(nullptr);
   const std::string log = fmt::format("/tmp/strata-snapshotd-{}.log", SanitizeRunName(options.run));
 
+  // The daemon serves every rank of the node, and rebuilds a lost node's snapshot while the
+  // ranks wait: it must not inherit the CPU binding of the rank that happens to start it
+  // (mpirun binds a rank to one core), or the rebuild runs on that core alone. It asks for
+  // every CPU; the kernel keeps it inside the job's cpuset.
+  cpu_set_t all_cpus;
+  CPU_ZERO(&all_cpus);
+  const long ncpu = ::sysconf(_SC_NPROCESSORS_CONF);
+  for (long c = 0; c < ncpu && c < CPU_SETSIZE; ++c) CPU_SET(static_cast<int>(c), &all_cpus);
+
   // Double fork: the daemon is reparented to init (never a zombie of the trainer), and setsid
   // detaches it from the trainer's session so a signal to the job's process group spares it.
   const pid_t child = ::fork();
   if (child < 0) return ErrnoStatus("EnsureSnapshotd: fork", errno);
   if (child == 0) {
     ::setsid();
+    (void)::sched_setaffinity(0, sizeof(all_cpus), &all_cpus);  // best effort
     const pid_t grandchild = ::fork();
     if (grandchild != 0) ::_exit(grandchild < 0 ? 1 : 0);
     const int null_fd = ::open("/dev/null", O_RDONLY);

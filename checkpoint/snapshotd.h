@@ -41,6 +41,7 @@ namespace strata::checkpoint {
 
 class EcPeer;
 struct EcRebuilt;
+struct EcSegment;
 
 struct SnapshotdOptions {
   std::string run;          // job name; names the socket, the shm objects and the disk folder
@@ -126,7 +127,10 @@ class Snapshotd {
   // group commits and released versions back, and installs a version rebuilt from peers.
   void SubmitToEc();
   void ProcessEc();
-  Status InstallRebuilt(const EcRebuilt& rebuilt);
+  // The slots a rebuilt version of this node goes to (each rank's uncommitted one; ranks not
+  // registered yet are opened), as segments in node-buffer order.
+  StatusOr<std::vector<EcSegment>> RebuildSlots(const proto::EcNodeManifest& m);
+  Status InstallRebuilt(EcRebuilt& rebuilt);
   // Commits `version` when every local rank published it. `recovering`: adopting a version
   // found in surviving slots (not counted for persistence).
   void MaybeCommit(int64_t version, bool* committed, bool recovering = false);

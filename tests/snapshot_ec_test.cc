@@ -286,6 +286,8 @@ void LoseOneNodeAndRebuild(int n, int k, int m) {
   EXPECT_TRUE(l->parity_protected);
   EXPECT_FALSE(l->from_disk);
   EXPECT_NE(l->note.find("erasure decoding"), std::string::npos) << l->note;
+  // The survivors' fragments were streamed and decoded into the slots (no fallback).
+  EXPECT_NE(l->note.find("streamed, decoded in place"), std::string::npos) << l->note;
   c.ExpectBitwise(lost, *l, 2);
   EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(lost), lost, 2)), ref[lost]);
   // The survivors were not disturbed, and the group goes on committing with the new node.
@@ -356,6 +358,9 @@ TEST(SnapshotEc, CorruptedParityIsDetectedByChecksumAndRepaired) {
   EXPECT_TRUE(l->rebuilt);
   c.ExpectBitwise(3, *l, 1);
   EXPECT_NE(l->note.find("repaired corrupted parity of nodes 1"), std::string::npos) << l->note;
+  // Node 1 refused to stream a fragment that fails its checksum, so the rebuild fell back to
+  // whole buffers, which finds the bad one.
+  EXPECT_NE(l->note.find("whole buffers fetched"), std::string::npos) << l->note;
   EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(1), 1, 1)), ref[1]);
   EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(3), 3, 1)), ref[3]);
 }
