@@ -309,10 +309,17 @@ int RunTrain(TrainArgs a) {
       memory::ParamStore::Create(std::move(*layout), so);
   if (!store.ok()) return abort_all(store.status());
   memory::ParamStore& ps = **store;
-  if (model) {
-    if (Status s = runtime::LoadLlamaParams(ps, *model); !s.ok()) return abort_all(s);
-  } else {
+  // The starting weights: the --model folder's, or a fresh init. A run that resumes from a
+  // snapshot overwrites every one of them, so it skips this (seconds of random numbers for a
+  // 200M model, while a rebuilding node waits for the job to ask for its snapshot).
+  auto initial_params = [&]() -> Status {
+    if (model) return runtime::LoadLlamaParams(ps, *model);
     runtime::InitLlamaParams(ps, a.init_seed);  // same seed on every rank: identical replicas
+    return Status::OK();
+  };
+  const bool may_resume = a.snapshot_every > 0 || a.resume == "auto";
+  if (!may_resume) {
+    if (Status s = initial_params(); !s.ok()) return abort_all(s);
   }
   std::string cpu_note;
   const int threads = a.threads > 0 ? a.threads : DefaultRankThreads(local_ranks, &cpu_note);
@@ -365,7 +372,7 @@ int RunTrain(TrainArgs a) {
   // Snapshots: this node's snapshotd holds them; --resume auto continues from the newest.
   std::unique_ptr<TrainSnapshotter> snap;
   int64_t first_step = 1;
-  if (a.snapshot_every > 0 || a.resume == "auto") {
+  if (may_resume) {
     TrainSnapshotOptions sopt;
     sopt.run = a.run.empty() ? DefaultRunName(a.model.empty() ? a.config : a.model, a.data) : a.run;
     sopt.every = a.snapshot_every;
@@ -470,9 +477,12 @@ int RunTrain(TrainArgs a) {
           std::fprintf(stderr, "strata train: %s\n", remark.c_str());
         }
       }
-    } else if (rank == 0 && a.resume == "auto") {
-      std::fprintf(stderr, "strata train: run '%s' has no snapshot yet; starting at step 1\n",
-                   sopt.run.c_str());
+    } else {
+      if (Status s = initial_params(); !s.ok()) return abort_all(s);
+      if (rank == 0 && a.resume == "auto") {
+        std::fprintf(stderr, "strata train: run '%s' has no snapshot yet; starting at step 1\n",
+                     sopt.run.c_str());
+      }
     }
     tr.set_before_update([s = snap.get()] { return s->Fence(); });
   }
