@@ -72,8 +72,10 @@ run() {
   for i in $(seq 1 "$n"); do echo "$PREFIX$i slots=$slots" >> "$hf"; done
   local env_args=()
   for v in $(env | grep -o '^STRATA_[A-Z_]*' || true); do env_args+=(-x "$v"); done
+  # --bind-to none: each node's orted would bind its ranks as if it had the machine to itself,
+  # so every node's rank 0 landed on core 0 of the one machine they all share.
   ip netns exec "${PREFIX}1" mpirun --allow-run-as-root --hostfile "$hf" -np $((n * slots)) \
-    --mca plm_rsh_agent "$STATE/agent" \
+    --bind-to none --mca plm_rsh_agent "$STATE/agent" \
     --mca oob_tcp_if_include 198.18.0.0/24 --mca btl_tcp_if_include 198.18.0.0/24 \
     --mca btl tcp,self --mca mpi_yield_when_idle 1 \
     -x STRATA_TCP_IFNAME=veth0 "${env_args[@]}" "$@"
