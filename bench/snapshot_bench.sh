@@ -10,7 +10,9 @@
 #     after step 2 (strata chaos kill-node) and the relaunch rebuilds its state from the others;
 #     prints the rebuild (erasure decoding) time and the whole restore time.
 #   bench/snapshot_bench.sh STRATA_BINARY [SIZE]     SIZE: 50m (default), 100m or 200m
-# Environment: THREADS (per rank, default 1), BATCH (8), SEQ (256), STEPS (6), NODES (0: skip 5).
+# Environment: THREADS (per rank, default 1), BATCH (8), SEQ (256), STEPS (6), NODES (0: skip 5),
+# KILL_AFTER (2: the node goes down once this many steps are done; a larger state per node
+# needs more, since each version is group-committed only when its parity is across the nodes).
 set -euo pipefail
 STRATA="$1"; SIZE="${2:-50m}"
 THREADS="${THREADS:-1}"; BATCH="${BATCH:-8}"; SEQ="${SEQ:-256}"; STEPS="${STEPS:-6}"
@@ -110,7 +112,7 @@ if [[ "$NODES" -ge 2 ]]; then
   nodes_launch() { "$SRC/scripts/netns-cluster.sh" run "$NODES" 1 -- "$STRATA" train "${NARGS[@]}" "$@"; }
   nodes_launch > "$WORK/nodes-broken.jsonl" 2> "$WORK/nodes-broken.err" &
   bg=$!
-  until [[ $(grep -c '"step"' "$WORK/nodes-broken.jsonl" 2> /dev/null || true) -ge 2 ]]; do
+  until [[ $(grep -c '"step"' "$WORK/nodes-broken.jsonl" 2> /dev/null || true) -ge "${KILL_AFTER:-2}" ]]; do
     kill -0 "$bg" 2> /dev/null || break
     sleep 0.05
   done
