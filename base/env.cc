@@ -17,7 +17,7 @@ constexpr EnvVar kEnvVars[] = {
      "allreduce algorithm per message size; empty = the built-in table."},
     {"STRATA_COMM_SPIN_MS", "2",
      "How long the mpi transport polls a pending operation without pause; a longer wait polls "
-     "with sleeps of up to 1 ms between, so ranks blocked on a slow peer (a node rebuilding its "
+     "with sleeps of up to 250 us between, so ranks blocked on a slow peer (a node rebuilding its "
      "snapshot, a straggler) leave the CPUs to it. 0 = sleep from the start."},
     {"STRATA_COMM_TIMEOUT_MS", "30000",
      "Milliseconds a collective or point-to-point operation may take; one that cannot complete "
