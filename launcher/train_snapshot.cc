@@ -237,12 +237,20 @@ StatusOr<ResumeInfo> TrainSnapshotter::Probe(int64_t max_disk_version) {
   return info;
 }
 
-Status TrainSnapshotter::Load() {
+Status TrainSnapshotter::Load(bool all_weights) {
   const size_t slice = store_->slice_size() * sizeof(float);
-  return client_->ReadLatest(probed_,
-                             {{"weights", store_->weights() + store_->slice_begin(), slice},
-                              {"adam_m", store_->moment1(), slice},
-                              {"adam_v", store_->moment2(), slice}});
+  STRATA_RETURN_IF_ERROR(
+      client_->ReadLatest(probed_, {{"weights", store_->weights() + store_->slice_begin(), slice},
+                                    {"adam_m", store_->moment1(), slice},
+                                    {"adam_v", store_->moment2(), slice}}));
+  if (!all_weights) return Status::OK();
+  // Each checked against its own checksum, like this rank's.
+  for (int r = 0; r < world_; ++r) {
+    if (r == rank_) continue;
+    STRATA_RETURN_IF_ERROR(client_->ReadLatest(
+        probed_, {{"weights", store_->weights() + store_->layout().slice_begin(r), slice}}, r));
+  }
+  return Status::OK();
 }
 
 Status TrainSnapshotter::Finish() {

@@ -77,9 +77,11 @@ class TrainSnapshotter {
   // it belongs to this run: FailedPrecondition when it was taken with a different model, data
   // seed or rank count. step 0 when there is nothing to resume from. Nothing is restored yet.
   StatusOr<ResumeInfo> Probe(int64_t max_disk_version = 0);
-  // Restores this rank's slice of weights and moments from the version the last Probe found
-  // (the caller then all-gathers the weights).
-  Status Load();
+  // Restores this rank's slice of weights and moments from the version the last Probe found.
+  // With all_weights (every rank of the job on this node, so the version holds every rank's
+  // data), also every other rank's slice of the weights, read from the same memory: the caller
+  // then has the whole model and need not all-gather it. Otherwise the caller all-gathers.
+  Status Load(bool all_weights = false);
   // The job is done (rank 0): snapshotd removes its memory and exits.
   Status Finish();
   // One rank per node: makes the node's snapshotd drop its memory (Finish) and waits until the
