@@ -15,7 +15,7 @@ constexpr EnvVar kEnvVars[] = {
     {"STRATA_ALLREDUCE_TABLE", "",
      "Path to a `strata bench allreduce --json` result that algorithm=auto uses to pick an "
      "allreduce algorithm per message size; empty = the built-in table."},
-    {"STRATA_COMM_SPIN_MS", "2",
+    {"STRATA_COMM_SPIN_MS", "50",
      "How long the mpi transport polls a pending operation without pause; a longer wait polls "
      "with sleeps of up to 250 us between, so ranks blocked on a slow peer (a node rebuilding its "
      "snapshot, a straggler) leave the CPUs to it. 0 = sleep from the start."},

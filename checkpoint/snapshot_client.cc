@@ -74,23 +74,24 @@ class Mapped {
   bool owned_ = true;
 };
 
-// memcpy and CRC-32C in one pass: each 256 KiB chunk is checksummed right after it is copied,
-// from cache, instead of reading the whole destination back from memory afterwards. The
-// checksum is of the copy (what the trainer will use), not of the source.
-uint32_t CopyAndChecksum(uint8_t* dst, const uint8_t* src, size_t bytes) {
-  constexpr size_t kChunk = 256 << 10;
-  uint32_t crc = 0;
-  for (size_t o = 0; o < bytes; o += kChunk) {
-    const size_t n = std::min(kChunk, bytes - o);
-    std::memcpy(dst + o, src + o, n);
-    crc = FragmentChecksumExtend(crc, dst + o, n);
-  }
-  return crc;
-}
+
 
 int ToMs(double s) { return s <= 0 ? -1 : static_cast<int>(s * 1000); }
 
 }  // namespace
+
+uint32_t CopyAndChecksum(void* dst_v, const void* src_v, size_t bytes) {
+  constexpr size_t kChunk = 256 << 10;
+  auto* dst = static_cast<uint8_t*>(dst_v);
+  const auto* src = static_cast<const uint8_t*>(src_v);
+  uint32_t crc = 0;
+  for (size_t o = 0; o < bytes; o += kChunk) {
+    const size_t n = std::min(kChunk, bytes - o);
+    std::memcpy(dst + o, src + o, n);
+    crc = FragmentChecksumExtend(crc, dst + o, n);  // of the copy, from cache
+  }
+  return crc;
+}
 
 StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::string& socket_path) {
   return Connect(socket_path, Options{});
@@ -215,7 +216,7 @@ Status SnapshotClient::Publish(int64_t version, const std::vector<Section>& sect
     sec->set_name(s.name);
     sec->set_offset(s.offset);
     sec->set_bytes(s.bytes);
-    sec->set_crc32c(FragmentChecksum(base + s.offset, s.bytes));
+    sec->set_crc32c(s.crc32c ? *s.crc32c : FragmentChecksum(base + s.offset, s.bytes));
   }
   STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
   last_committed_ = reply.publish().committed();
@@ -316,8 +317,7 @@ Status SnapshotClient::ReadLatest(const LatestInfo& info, const std::vector<Sect
     // per fault: faster than MADV_POPULATE_READ or MAP_POPULATE on shared memory, measured).
     PrefaultForWrite(b.dst, b.bytes);
     const int64_t c = NowNs();
-    const uint32_t crc =
-        CopyAndChecksum(static_cast<uint8_t*>(b.dst), m.data() + sec->offset(), b.bytes);
+    const uint32_t crc = CopyAndChecksum(b.dst, m.data() + sec->offset(), b.bytes);
     t_fault += c - a;
     t_copy += NowNs() - c;
     if (crc != sec->crc32c()) {

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -32,7 +33,15 @@ struct Section {
   std::string name;
   size_t offset = 0;
   size_t bytes = 0;
+  // The section's CRC-32C when the caller has it already (CopyAndChecksum); else Publish reads
+  // the section again to compute it.
+  std::optional<uint32_t> crc32c;
 };
+
+// memcpy and CRC-32C in one pass: each 256 KiB chunk is checksummed right after it is copied,
+// from cache, instead of reading the whole destination back from memory afterwards. Returns the
+// CRC-32C of the copy.
+uint32_t CopyAndChecksum(void* dst, const void* src, size_t bytes);
 
 // Where ReadLatest copies a section to; `bytes` must equal the section's size.
 struct SectionBuffer {

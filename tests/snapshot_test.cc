@@ -9,11 +9,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -180,6 +182,21 @@ class SnapshotTest : public ::testing::Test {
   SnapshotdOptions options_;
   std::vector<pid_t> servers_;
 };
+
+
+// The fused copy: an exact copy, and the CRC-32C of it, at sizes around its 256 KiB chunk.
+TEST(CopyAndChecksum, CopiesExactlyAndMatchesFragmentChecksum) {
+  std::mt19937 rng(7);
+  for (size_t n : {size_t{0}, size_t{1}, size_t{(256 << 10) - 1}, size_t{256 << 10},
+                   size_t{(256 << 10) + 1}, size_t{(3 << 20) + 17}}) {
+    std::vector<uint8_t> src(n), dst(n + 1, 0xEE);
+    for (uint8_t& b : src) b = static_cast<uint8_t>(rng());
+    const uint32_t crc = CopyAndChecksum(dst.data(), src.data(), n);
+    EXPECT_EQ(crc, FragmentChecksum(src.data(), n)) << n;
+    EXPECT_TRUE(std::equal(src.begin(), src.end(), dst.begin())) << n;
+    EXPECT_EQ(dst[n], 0xEE) << n;  // nothing past the end
+  }
+}
 
 TEST_F(SnapshotTest, CommitsOnlyWhenEveryRankPublishedAndReadsBackBitwise) {
   StartServerAndWait(options_);
