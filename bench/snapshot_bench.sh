@@ -23,7 +23,7 @@ SRC="$(cd "$(dirname "$0")/.." && pwd)"
 export STRATA_NETNS_PREFIX="sb$$-h" STRATA_NETNS_STATE="/tmp/strata-netns-sb$$"
 cleanup() {
   "$STRATA" chaos kill-snapshotd --run "$RUN" > /dev/null 2>&1 || true
-  rm -f /dev/shm/strata-snap-"$RUN"-* /tmp/strata-snapshotd-"$RUN".*
+  rm -f /dev/shm/strata-snap-"$RUN"-* /tmp/strata-snapshotd-"$RUN".* /tmp/strata-snapshotd-"$RUN"-[12].*
   if [[ -d "$STRATA_NETNS_STATE" ]]; then
     for i in $(seq 1 "$NODES"); do
       ip netns exec "$STRATA_NETNS_PREFIX$i" "$STRATA" chaos kill-node --run "$RUN-nodes" \
