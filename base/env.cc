@@ -5,7 +5,10 @@
 #include <charconv>
 #include <cstdlib>
 #include <iterator>
+#include <optional>
 #include <system_error>
+
+#include "base/logging.h"
 
 namespace strata {
 namespace {
@@ -142,6 +145,21 @@ std::string EnvString(std::string_view name) {
 
 StatusOr<int64_t> EnvInt(std::string_view name) {
   return ParseEnv<int64_t>(name, "an integer", FromChars<int64_t>);
+}
+
+int64_t EnvIntInRange(std::string_view name, int64_t lo, int64_t hi) {
+  const EnvVar& var = Registered(name);
+  const std::optional<int64_t> fallback = FromChars<int64_t>(Trim(var.default_value));
+  STRATA_CHECK_MSG(fallback.has_value() && *fallback >= lo && *fallback <= hi,
+                   "default of {} ('{}') is not an integer in [{}, {}]", var.name,
+                   var.default_value, lo, hi);
+  StatusOr<int64_t> v = EnvInt(name);
+  if (v.ok() && *v >= lo && *v <= hi) return *v;
+  STRATA_LOG(WARN, BASE, "ignoring {}: {}; using {}", var.name,
+             v.ok() ? fmt::format("{} is out of range [{}, {}]", *v, lo, hi)
+                    : v.status().message(),
+             *fallback);
+  return *fallback;
 }
 
 StatusOr<double> EnvDouble(std::string_view name) {

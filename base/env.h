@@ -34,6 +34,9 @@ std::string EnvString(std::string_view name);
 // Decimal, optional sign, surrounding blanks ignored.
 // InvalidArgument "STRATA_X='abc' is not an integer".
 StatusOr<int64_t> EnvInt(std::string_view name);
+// For tuning knobs read once, where a typo should not stop a run: the value of `name` when it is
+// an integer in [lo, hi]; otherwise a warning saying why, and the registered default.
+int64_t EnvIntInRange(std::string_view name, int64_t lo, int64_t hi);
 StatusOr<double> EnvDouble(std::string_view name);
 // 1/0, true/false, yes/no, on/off, case-insensitive.
 StatusOr<bool> EnvBool(std::string_view name);

@@ -28,16 +28,7 @@ struct ThreadPool::Job {
 namespace {
 
 int64_t PoolSpinNs() {
-  static const int64_t ns = [] {
-    StatusOr<int64_t> us = EnvInt("STRATA_POOL_SPIN_US");
-    if (!us.ok() || *us < 0 || *us > 1000000) {
-      STRATA_LOG(WARN, BASE, "ignoring STRATA_POOL_SPIN_US: {}; using 100",
-                 us.ok() ? fmt::format("{} is out of range [0, 1000000]", *us)
-                         : us.status().message());
-      return int64_t{100} * 1000;
-    }
-    return *us * 1000;
-  }();
+  static const int64_t ns = EnvIntInRange("STRATA_POOL_SPIN_US", 0, 1000000) * 1000;
   return ns;
 }
 
@@ -162,16 +153,8 @@ void ThreadPool::ParallelFor(size_t n, const std::function<void(size_t, size_t)>
 
 ThreadPool& ThreadPool::Default() {
   static ThreadPool* pool = [] {
-    int64_t threads = 0;
-    StatusOr<int64_t> env = EnvInt("STRATA_NUM_THREADS");
-    if (!env.ok() || *env < 0 || *env > 4096) {
-      STRATA_LOG(
-          WARN, BASE, "ignoring STRATA_NUM_THREADS: {}; using hardware concurrency",
-          env.ok() ? fmt::format("{} is out of range [0, 4096]", *env) : env.status().message());
-    } else {
-      threads = *env;
-    }
-    // 0: every CPU this process may run on (a launcher's binding may leave fewer than the
+    int64_t threads = EnvIntInRange("STRATA_NUM_THREADS", 0, 4096);
+    // 0 (the default): every CPU this process may run on (a launcher's binding may leave fewer than the
     // machine has; more threads than that would only take turns on the same cores).
     if (threads == 0) threads = UsableCpuCount();
     return new ThreadPool(static_cast<int>(threads));

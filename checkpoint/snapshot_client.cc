@@ -74,8 +74,6 @@ class Mapped {
   bool owned_ = true;
 };
 
-
-
 int ToMs(double s) { return s <= 0 ? -1 : static_cast<int>(s * 1000); }
 
 }  // namespace

@@ -915,8 +915,8 @@ void EcPeer::ServeConnection(int fd) {
     if (striped_chunk > 0) {
       // The receiver decodes as the chunks arrive and can check only the end result, so a
       // fragment corrupted at rest here must be caught here: check this node's data and parity
-      // against their stored checksums first (~50 ms per GiB; the whole-buffer fetch instead
-      // lets the receiver check, and repair parity).
+      // against their stored checksums first (one CRC pass; the whole-buffer fetch instead lets
+      // the receiver check, and repair parity).
       const char* bad = nullptr;
       if (SegmentsCrc(reading->segments) != reading->manifests[li_]->node_crc32c()) {
         bad = "data";
@@ -1069,8 +1069,8 @@ StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
   }
   const int64_t t_state = NowNs();
   // Uninitialized: every byte is either fetched, zeroed padding, or a decoding destination.
-  // (Zero-filled vectors cost seconds here: the page faults plus a memset of ~3x the node's
-  // data, on a restarted node whose RAM is full of page cache.)
+  // (Zero-filled vectors took 6.3 s of a 7.5 s rebuild of 0.75 GiB: the page faults plus a
+  // memset of ~3x the node's data.)
   std::vector<AlignedBuffer> data, parity;
   for (int j = 0; j < n_; ++j) {
     data.emplace_back(B, 4096);

@@ -879,8 +879,10 @@ void Snapshotd::ProcessEc() {
   }
 }
 
-StatusOr<std::vector<EcSegment>> Snapshotd::RebuildSlots(const proto::EcNodeManifest& m) {
+StatusOr<std::vector<EcSegment>> Snapshotd::RebuildSlots(const proto::EcNodeManifest& m,
+                                                          std::vector<Slot*>* slots) {
   std::vector<EcSegment> segments;
+  if (slots != nullptr) slots->clear();
   for (const proto::RankSnapshot& rk : m.ranks()) {
     const size_t bytes = rk.bytes_per_version();
     RankState* st = nullptr;
@@ -896,9 +898,10 @@ StatusOr<std::vector<EcSegment>> Snapshotd::RebuildSlots(const proto::EcNodeMani
       bool reattached = false;
       STRATA_ASSIGN_OR_RETURN(st, OpenRank(rk.rank(), m.world_size(), bytes, &reattached));
     }
-    const int i = st->committed_slot == 0 ? 1 : 0;
-    if (st->slots[i].pins > 0) return Status::Unavailable("slot busy; retry");
-    segments.push_back({st->slots[i].base, bytes});
+    Slot& slot = st->slots[st->committed_slot == 0 ? 1 : 0];
+    if (slot.pins > 0) return Status::Unavailable("slot busy; retry");
+    segments.push_back({slot.base, bytes});
+    if (slots != nullptr) slots->push_back(&slot);
   }
   return segments;
 }
@@ -907,7 +910,8 @@ Status Snapshotd::InstallRebuilt(EcRebuilt& rebuilt) {
   const int64_t t0 = NowNs();
   const proto::EcNodeManifest& m = rebuilt.manifest;
   // The same slots RebuildSlots gave a streaming rebuild (nothing changed them since).
-  STRATA_ASSIGN_OR_RETURN(std::vector<EcSegment> segments, RebuildSlots(m));
+  std::vector<Slot*> slots;
+  STRATA_ASSIGN_OR_RETURN(std::vector<EcSegment> segments, RebuildSlots(m, &slots));
   size_t off = 0;
   for (int r = 0; r < m.ranks_size(); ++r) {
     const proto::RankSnapshot& rk = m.ranks(r);
@@ -919,8 +923,7 @@ Status Snapshotd::InstallRebuilt(EcRebuilt& rebuilt) {
       std::memcpy(const_cast<uint8_t*>(segments[r].data), rebuilt.data.as<uint8_t>() + off,
                   bytes);
     }
-    RankState& st = ranks_.at(rk.rank());
-    Slot& s = st.slots[st.committed_slot == 0 ? 1 : 0];
+    Slot& s = *slots[r];
     s.version = rebuilt.version;
     s.published = true;
     s.sections.assign(rk.sections().begin(), rk.sections().end());

@@ -128,8 +128,10 @@ class Snapshotd {
   void SubmitToEc();
   void ProcessEc();
   // The slots a rebuilt version of this node goes to (each rank's uncommitted one; ranks not
-  // registered yet are opened), as segments in node-buffer order.
-  StatusOr<std::vector<EcSegment>> RebuildSlots(const proto::EcNodeManifest& m);
+  // registered yet are opened), as segments in node-buffer order, and (when `slots` is given)
+  // the Slot of each, same order.
+  StatusOr<std::vector<EcSegment>> RebuildSlots(const proto::EcNodeManifest& m,
+                                                std::vector<Slot*>* slots = nullptr);
   Status InstallRebuilt(EcRebuilt& rebuilt);
   // Commits `version` when every local rank published it. `recovering`: adopting a version
   // found in surviving slots (not counted for persistence).

@@ -405,6 +405,19 @@ TEST(EnvTest, ParsesIntegers) {
   }
 }
 
+TEST(EnvTest, IntInRangeFallsBackToTheDefault) {
+  {
+    ScopedEnv env("STRATA_COMM_SPIN_MS", "7");
+    EXPECT_EQ(EnvIntInRange("STRATA_COMM_SPIN_MS", 0, 60000), 7);
+  }
+  for (const char* bad : {"-1", "60001", "abc"}) {
+    ScopedEnv env("STRATA_COMM_SPIN_MS", bad);
+    EXPECT_EQ(EnvIntInRange("STRATA_COMM_SPIN_MS", 0, 60000), 50) << bad;
+  }
+  ScopedEnv env("STRATA_COMM_SPIN_MS", nullptr);
+  EXPECT_EQ(EnvIntInRange("STRATA_COMM_SPIN_MS", 0, 60000), 50);
+}
+
 TEST(EnvTest, BadIntegerIsInvalidArgument) {
   {
     ScopedEnv env("STRATA_SEGMENT_BYTES", "abc");

@@ -17,16 +17,7 @@ namespace strata::comm::mpi {
 namespace {
 
 int64_t SpinNs() {
-  static const int64_t ns = [] {
-    StatusOr<int64_t> ms = EnvInt("STRATA_COMM_SPIN_MS");
-    if (!ms.ok() || *ms < 0 || *ms > 60000) {
-      STRATA_LOG(WARN, COMM, "ignoring STRATA_COMM_SPIN_MS: {}; using 50",
-                 ms.ok() ? fmt::format("{} is out of range [0, 60000]", *ms)
-                         : ms.status().message());
-      return int64_t{50} * 1000000;
-    }
-    return *ms * 1000000;
-  }();
+  static const int64_t ns = EnvIntInRange("STRATA_COMM_SPIN_MS", 0, 60000) * 1000000;
   return ns;
 }
 
@@ -34,11 +25,9 @@ int64_t SpinNs() {
 // its core, polling; that is right for the short waits of a collective, and wrong for a rank that
 // waits seconds for a peer: on a machine where ranks share cores (or share them with the node's
 // snapshotd while it rebuilds a lost node's snapshot) the poller takes CPU from the very process
-// it waits for. Past the spin phase (50 ms by default: longer than the waits of a training or
-// decode step, which a late wake-up would slow — with a 2 ms phase the 50M training benchmark's
-// step grew 4-7% with snapshots on) each poll is followed by a sleep that doubles from 20 us to
-// 250 us: at most ~250 us more on a wait that already lasted SpinNs(), and a poll every 250 us
-// costs ~1% of a core.
+// it waits for. Past the spin phase (50 ms by default: longer than the waits inside a training
+// or decode step, so those never sleep) each poll is followed by a sleep that doubles from 20 us
+// to 250 us: a wake-up at most ~250 us late on a wait that already lasted SpinNs().
 class PollPacer {
  public:
   PollPacer() : start_(NowNs()) {}
