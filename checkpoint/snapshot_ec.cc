@@ -648,6 +648,10 @@ void EcPeer::MaybeGroupCommit(const std::shared_ptr<Version>& v) {
       if (d.nonces(i) != v->manifests[i]->nonce()) return;  // built from another attempt's data
     }
   }
+  MarkGroupCommitted(v);
+}
+
+void EcPeer::MarkGroupCommitted(const std::shared_ptr<Version>& v) {
   v->group_committed = true;
   Recycle(*v);
   if (v->version > group_version_) group_version_ = v->version;
@@ -761,22 +765,24 @@ Status EcPeer::SendToPeer(int li, const proto::EcPeerRequest& req, const EcSegme
   return st;
 }
 
-Status EcPeer::SendStriped(int fd, const Version& v, size_t chunk) const {
+Status EcPeer::SendStriped(int fd, const Version& v, size_t chunk,
+                           const std::vector<int>& fragments) const {
   static const std::vector<uint8_t> zeros(kBulkChunk, 0);
-  const size_t P = v.parity_len / static_cast<size_t>(options_.m);
+  const size_t P = v.P;
   const size_t own = v.manifests[li_]->node_bytes();
   const int timeout = options_.io_timeout_ms;
   for (size_t o = 0; o < P; o += chunk) {
     const size_t c = std::min(chunk, P - o);
-    for (int d = 0; d < options_.k; ++d) {
-      const size_t begin = static_cast<size_t>(d) * P + o;
-      const size_t have = begin >= own ? 0 : std::min(c, own - begin);
-      if (have > 0) STRATA_RETURN_IF_ERROR(SendBulk(fd, v.segments, begin, have, timeout));
-      if (have < c) STRATA_RETURN_IF_ERROR(WriteBytes(fd, zeros.data(), c - have, timeout));
-    }
-    for (int p = 0; p < options_.m; ++p) {
-      STRATA_RETURN_IF_ERROR(
-          WriteBytes(fd, v.parity + static_cast<size_t>(p) * P + o, c, timeout));
+    for (int f : fragments) {
+      if (f < options_.k) {
+        const size_t begin = static_cast<size_t>(f) * P + o;
+        const size_t have = begin >= own ? 0 : std::min(c, own - begin);
+        if (have > 0) STRATA_RETURN_IF_ERROR(SendBulk(fd, v.segments, begin, have, timeout));
+        if (have < c) STRATA_RETURN_IF_ERROR(WriteBytes(fd, zeros.data(), c - have, timeout));
+      } else {
+        STRATA_RETURN_IF_ERROR(WriteBytes(
+            fd, v.parity + static_cast<size_t>(f - options_.k) * P + o, c, timeout));
+      }
     }
   }
   return Status::OK();
@@ -792,6 +798,7 @@ void EcPeer::ServeConnection(int fd) {
     size_t bulk_len = 0;
     std::shared_ptr<Version> reading;  // holds readers while bulk is sent
     size_t striped_chunk = 0;          // > 0: send the fragments striped (EcFetch)
+    std::vector<int> striped_fragments;
     switch (req.body_case()) {
       case proto::EcPeerRequest::kAnnounce: {
         const auto& m = req.announce().manifest();
@@ -860,18 +867,35 @@ void EcPeer::ServeConnection(int fd) {
         }
         if (req.fetch().chunk_bytes() > 0) {
           Version& v = *it->second;
-          const size_t P = v.parity_len / static_cast<size_t>(options_.m);
-          if (!v.parity_complete || req.fetch().piece_bytes() != P) {
+          const int nf = options_.k + options_.m;
+          striped_fragments.assign(req.fetch().fragments().begin(),
+                                   req.fetch().fragments().end());
+          if (striped_fragments.empty()) {
+            for (int f = 0; f < nf; ++f) striped_fragments.push_back(f);
+          }
+          bool valid = true;
+          for (size_t i = 0; i < striped_fragments.size(); ++i) {
+            const int f = striped_fragments[i];
+            valid = valid && f >= 0 && f < nf && (i == 0 || f > striped_fragments[i - 1]);
+          }
+          if (!valid) {
+            reply = ErrorReply(Status::InvalidArgument(
+                "striped fetch: fragments must be ascending ids below k + m"));
+            break;
+          }
+          const bool wants_parity = striped_fragments.back() >= options_.k;
+          if (!v.layout_known || (wants_parity && !v.parity_complete) ||
+              req.fetch().piece_bytes() != v.P) {
             reply = ErrorReply(Status::FailedPrecondition(fmt::format(
                 "node {} holds version {} with pieces of {} bytes{}, not {}", options_.node,
-                v.version, P, v.parity_complete ? "" : " (parity incomplete)",
+                v.version, v.P, wants_parity && !v.parity_complete ? " (parity incomplete)" : "",
                 req.fetch().piece_bytes())));
             break;
           }
           reading = it->second;
           ++reading->readers;
           striped_chunk = std::min<size_t>(req.fetch().chunk_bytes(), kBulkChunk);
-          reply.set_length(static_cast<uint64_t>(n_) * P);
+          reply.set_length(static_cast<uint64_t>(striped_fragments.size()) * v.P);
           break;
         }
         reading = it->second;
@@ -917,10 +941,13 @@ void EcPeer::ServeConnection(int fd) {
       // fragment corrupted at rest here must be caught here: check this node's data and parity
       // against their stored checksums first (one CRC pass; the whole-buffer fetch instead lets
       // the receiver check, and repair parity).
+      // Only what is asked for is checked (and read).
       const char* bad = nullptr;
-      if (SegmentsCrc(reading->segments) != reading->manifests[li_]->node_crc32c()) {
+      if (striped_fragments.front() < options_.k &&
+          SegmentsCrc(reading->segments) != reading->manifests[li_]->node_crc32c()) {
         bad = "data";
-      } else if (FragmentChecksum(reading->parity, reading->parity_len) != reading->parity_crc) {
+      } else if (striped_fragments.back() >= options_.k &&
+                 FragmentChecksum(reading->parity, reading->parity_len) != reading->parity_crc) {
         bad = "parity";
       }
       if (bad != nullptr) {
@@ -937,7 +964,7 @@ void EcPeer::ServeConnection(int fd) {
     st = WriteFrame(fd, reply, options_.io_timeout_ms);
     if (st.ok() && reading) {
       if (striped_chunk > 0) {
-        st = SendStriped(fd, *reading, striped_chunk);
+        st = SendStriped(fd, *reading, striped_chunk, striped_fragments);
       } else if (bulk != nullptr) {
         for (size_t o = 0; st.ok() && o < bulk_len; o += kBulkChunk) {
           st = WriteBytes(fd, bulk + o, std::min(kBulkChunk, bulk_len - o),
@@ -1059,9 +1086,23 @@ StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
   for (const auto& mf : ref->manifests()) B = std::max<size_t>(B, mf.node_bytes());
   STRATA_ASSIGN_OR_RETURN(StripeLayout layout, StripeLayout::Create(options_.k, options_.m, B));
   if (target) {
+    // This node's parity of `ver` only matters if another node is lost before a newer version
+    // commits, so it is rebuilt after the ranks resume (RebuildParityLater), which halves what
+    // must cross the network first for 1+1 (a third less for 2+1). Unless a survivor has not
+    // group-committed `ver` yet (the lost node died while sending its parity-dones): that
+    // survivor commits it only on this node's parity-done, which must then be true at once.
+    bool defer = true;
+    for (int j = 0; j < n_; ++j) {
+      if (!present[j]) continue;
+      bool committed = false;
+      for (const auto& h : states[j]->held()) {
+        committed = committed || (h.version() == ver && h.group_committed());
+      }
+      defer = defer && committed;
+    }
     STRATA_ASSIGN_OR_RETURN(std::vector<EcSegment> dest, target(ref->manifests(li_)));
     StatusOr<EcRebuilt> streamed =
-        RebuildStreaming(ver, *ref, layout, present, parity_crc, dest, t0);
+        RebuildStreaming(ver, *ref, layout, present, parity_crc, dest, t0, defer);
     if (streamed.ok()) return streamed;
     STRATA_LOG(WARN, CKPT, "snapshotd node {}: streaming rebuild of version {}: {}; fetching "
                            "whole buffers instead", options_.node, ver,
@@ -1179,45 +1220,40 @@ StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
   return out;
 }
 
-StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& ref,
-                                             const StripeLayout& layout,
-                                             const std::vector<bool>& present,
-                                             const std::vector<uint32_t>& parity_crc,
-                                             const std::vector<EcSegment>& dest, int64_t t0) {
-  const int k = options_.k, m = options_.m;
-  const size_t P = layout.piece_bytes();
-  const size_t own = ref.manifests(li_).node_bytes();
-  size_t dest_bytes = 0;
-  for (const EcSegment& d : dest) dest_bytes += d.bytes;
-  if (dest_bytes != own) {
-    return Status::Internal(fmt::format("rebuild target holds {} bytes, the node buffer {}",
-                                        dest_bytes, own));
-  }
-  // A chunk of every fragment of every stripe is itself a group with pieces of c bytes: node j's
-  // k data pieces' chunks side by side (k * c bytes) and its m parity slots' (m * c), which is
-  // what the survivors send and what RebuildGroup decodes. Two sets, so that the survivors'
-  // chunk i + 1 arrives while chunk i is decoded.
-  constexpr size_t kChunk = 1 << 20;
-  std::vector<AlignedBuffer> cdata[2], cpar[2];
-  for (int set = 0; set < 2; ++set) {
-    for (int j = 0; j < n_; ++j) {
-      cdata[set].emplace_back(static_cast<size_t>(k) * kChunk, 4096);
-      cpar[set].emplace_back(static_cast<size_t>(m) * kChunk, 4096);
+Status EcPeer::StreamFragments(int64_t ver, size_t P, const std::vector<bool>& present,
+                              const std::vector<int>& mine, const FragmentSink& put,
+                              const std::function<bool()>& cancelled, int* sources) {
+  const int k = options_.k, m = options_.m, nf = k + m;
+  // Fragment x of stripe s lies on node (s + m + x) for data, (s + x - k) for parity, mod n, as
+  // that node's own fragment x; this node's fragment f is in stripe StripeOf(f).
+  auto node_of = [&](int s, int x) { return x < k ? Mod(s + m + x, n_) : Mod(s + x - k, n_); };
+  auto stripe_of = [&](int f) { return f < k ? Mod(li_ - m - f, n_) : Mod(li_ - (f - k), n_); };
+  // Per target fragment: the k source fragment ids it is decoded from (the first present ones,
+  // data before parity: for a data node of a stripe whose other data nodes survive, that is
+  // mostly data, which the survivors hold without any decoding).
+  struct Target {
+    int f, stripe;
+    std::vector<bool> source;  // by fragment id
+  };
+  std::vector<Target> targets;
+  std::vector<std::vector<int>> want(n_);  // per node: fragment ids to send, ascending
+  for (int f : mine) {
+    Target t{f, stripe_of(f), std::vector<bool>(nf, false)};
+    int got = 0;
+    for (int x = 0; x < nf && got < k; ++x) {
+      const int j = node_of(t.stripe, x);
+      if (j == li_ || !present[j]) continue;
+      t.source[x] = true;
+      want[j].push_back(x);
+      ++got;
     }
-  }
-  // The parity goes straight into the version's parity object, which AdoptRebuilt takes over;
-  // never over one this node still maps (AdoptRebuilt's DropVersion would unlink it by name).
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = versions_.find(ver);
-    if (it != versions_.end() && it->second->parity != nullptr) {
-      return Status::FailedPrecondition(
-          fmt::format("version {} already has a parity buffer on this node", ver));
+    if (got < k) {
+      return Status::DataLoss(fmt::format("stripe {} of version {} has {} of the {} fragments it "
+                                          "needs", t.stripe, ver, got, k));
     }
+    targets.push_back(std::move(t));
   }
-  STRATA_ASSIGN_OR_RETURN(
-      EcShm parity_out,
-      EcShm::Create(EcParityShmName(options_.shm_run, options_.node, ver), layout.parity_bytes()));
+  for (auto& w : want) std::sort(w.begin(), w.end());
 
   struct Fds {
     std::vector<int> fd;
@@ -1229,25 +1265,41 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
   } conns{std::vector<int>(static_cast<size_t>(n_), -1)};
   std::vector<int> senders;
   for (int j = 0; j < n_; ++j) {
-    if (!present[j]) continue;
+    if (want[j].empty()) continue;
     STRATA_ASSIGN_OR_RETURN(conns.fd[j], ConnectPeer(j));
     proto::EcPeerRequest req;
     req.mutable_fetch()->set_version(ver);
-    req.mutable_fetch()->set_chunk_bytes(kChunk);
+    req.mutable_fetch()->set_chunk_bytes(kStreamChunk);
     req.mutable_fetch()->set_piece_bytes(P);
+    for (int x : want[j]) req.mutable_fetch()->add_fragments(x);
     proto::EcPeerReply reply;
     STRATA_RETURN_IF_ERROR(WriteFrame(conns.fd[j], req, options_.io_timeout_ms));
     STRATA_RETURN_IF_ERROR(ReadFrame(conns.fd[j], &reply, options_.io_timeout_ms));
     STRATA_RETURN_IF_ERROR(ReplyStatus(reply).WithContext(fmt::format("node {}", GroupNode(j))));
-    if (reply.length() != static_cast<uint64_t>(n_) * P) {
+    if (reply.length() != want[j].size() * P) {
       return Status::Corruption(fmt::format("node {} offers {} striped bytes, expected {}",
-                                            GroupNode(j), reply.length(), n_ * P));
+                                            GroupNode(j), reply.length(), want[j].size() * P));
     }
     senders.push_back(j);
   }
+  if (sources != nullptr) *sources = static_cast<int>(senders.size());
 
-  const size_t chunks = (P + kChunk - 1) / kChunk;
-  auto chunk_len = [&](size_t i) { return std::min(kChunk, P - i * kChunk); };
+  // Chunk i of every fetched fragment lands in set i % 2, so that chunk i + 1 arrives while
+  // chunk i is decoded: buf[set][j][w] is node j's w-th fragment of want[j].
+  std::vector<std::vector<AlignedBuffer>> buf[2];
+  for (int set = 0; set < 2; ++set) {
+    buf[set].resize(n_);
+    for (int j = 0; j < n_; ++j) {
+      for (size_t w = 0; w < want[j].size(); ++w) buf[set][j].emplace_back(kStreamChunk, 4096);
+    }
+  }
+  // Decoding destinations: the target, and the other fragments of its stripe that were not
+  // fetched (Reconstruct rewrites every fragment it is not given).
+  std::vector<AlignedBuffer> scratch;
+  for (int x = 0; x < nf; ++x) scratch.emplace_back(kStreamChunk, 4096);
+
+  const size_t chunks = (P + kStreamChunk - 1) / kStreamChunk;
+  auto chunk_len = [&](size_t i) { return std::min(kStreamChunk, P - i * kStreamChunk); };
   std::atomic<bool> failed{false};
   std::mutex err_mu;
   Status first_error;
@@ -1263,13 +1315,14 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
       for (size_t i = 0; i < chunks; ++i) {
         if (!failed.load()) {
           const size_t c = chunk_len(i);
-          Status st = ReadBulk(conns.fd[j], cdata[i % 2][j].as<uint8_t>(), k * c,
-                               options_.io_timeout_ms);
-          if (st.ok()) {
-            st = ReadBulk(conns.fd[j], cpar[i % 2][j].as<uint8_t>(), m * c,
-                          options_.io_timeout_ms);
+          for (size_t w = 0; w < want[j].size(); ++w) {
+            Status st = ReadBulk(conns.fd[j], buf[i % 2][j][w].as<uint8_t>(), c,
+                                 options_.io_timeout_ms);
+            if (!st.ok()) {
+              fail(st.WithContext(fmt::format("node {}", GroupNode(j))));
+              break;
+            }
           }
-          if (!st.ok()) fail(st.WithContext(fmt::format("node {}", GroupNode(j))));
         }
         sync.arrive_and_wait();
       }
@@ -1277,31 +1330,21 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
   }
   auto decode = [&](size_t i) -> Status {
     const int set = static_cast<int>(i % 2);
-    const size_t o = i * kChunk, c = chunk_len(i);
-    STRATA_ASSIGN_OR_RETURN(StripeLayout lc, StripeLayout::Create(k, m, k * c));
-    std::vector<uint8_t*> dp(n_), pp(n_);
-    for (int j = 0; j < n_; ++j) {
-      dp[j] = cdata[set][j].as<uint8_t>();
-      pp[j] = cpar[set][j].as<uint8_t>();
-    }
-    {
-      std::lock_guard<std::mutex> pl(pool_mu_);
-      STRATA_RETURN_IF_ERROR(RebuildGroup(*rs_, lc, dp.data(), pp.data(), present, pool_.get()));
-    }
-    for (int d = 0; d < k; ++d) {
-      const size_t begin = static_cast<size_t>(d) * P + o;
-      const size_t have = begin >= own ? 0 : std::min(c, own - begin);
-      const uint8_t* src = dp[li_] + static_cast<size_t>(d) * c;
-      // The target's segments are writable memory (EcRebuildTarget).
-      STRATA_RETURN_IF_ERROR(ForRange(dest, begin, have, [&](const uint8_t* to, size_t n) {
-        std::memcpy(const_cast<uint8_t*>(to), src, n);
-        src += n;
-        return Status::OK();
-      }));
-    }
-    for (int p = 0; p < m; ++p) {
-      std::memcpy(parity_out.data() + static_cast<size_t>(p) * P + o,
-                  pp[li_] + static_cast<size_t>(p) * c, c);
+    const size_t o = i * kStreamChunk, c = chunk_len(i);
+    for (const Target& t : targets) {
+      std::vector<uint8_t*> frag(nf);
+      for (int x = 0; x < nf; ++x) {
+        frag[x] = scratch[x].as<uint8_t>();
+        if (!t.source[x]) continue;
+        const int j = node_of(t.stripe, x);
+        const size_t w = std::find(want[j].begin(), want[j].end(), x) - want[j].begin();
+        frag[x] = buf[set][j][w].as<uint8_t>();
+      }
+      {
+        std::lock_guard<std::mutex> pl(pool_mu_);
+        STRATA_RETURN_IF_ERROR(rs_->Reconstruct(frag.data(), t.source, c, pool_.get()));
+      }
+      STRATA_RETURN_IF_ERROR(put(t.f, o, frag[t.f], c));
     }
     return Status::OK();
   };
@@ -1309,10 +1352,65 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
     if (i > 0 && !failed.load()) {
       if (Status st = decode(i - 1); !st.ok()) fail(st);
     }
+    if (i < chunks && !failed.load() && cancelled && cancelled()) {
+      fail(Status::Aborted("no longer needed"));
+    }
     if (i < chunks) sync.arrive_and_wait();
   }
   for (std::thread& t : receivers) t.join();
-  if (!first_error.ok()) return first_error;
+  return first_error;
+}
+
+StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& ref,
+                                             const StripeLayout& layout,
+                                             const std::vector<bool>& present,
+                                             const std::vector<uint32_t>& parity_crc,
+                                             const std::vector<EcSegment>& dest, int64_t t0,
+                                             bool defer_parity) {
+  const int k = options_.k, m = options_.m;
+  const size_t P = layout.piece_bytes();
+  const size_t own = ref.manifests(li_).node_bytes();
+  size_t dest_bytes = 0;
+  for (const EcSegment& d : dest) dest_bytes += d.bytes;
+  if (dest_bytes != own) {
+    return Status::Internal(fmt::format("rebuild target holds {} bytes, the node buffer {}",
+                                        dest_bytes, own));
+  }
+  // The parity goes straight into the version's parity object, which AdoptRebuilt takes over;
+  // never over one this node still maps (AdoptRebuilt's DropVersion would unlink it by name).
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = versions_.find(ver);
+    if (it != versions_.end() && it->second->parity != nullptr) {
+      return Status::FailedPrecondition(
+          fmt::format("version {} already has a parity buffer on this node", ver));
+    }
+  }
+  EcShm parity_out;
+  std::vector<int> mine;
+  for (int f = 0; f < k; ++f) mine.push_back(f);
+  if (!defer_parity) {
+    STRATA_ASSIGN_OR_RETURN(parity_out,
+                            EcShm::Create(EcParityShmName(options_.shm_run, options_.node, ver),
+                                          layout.parity_bytes()));
+    for (int p = 0; p < m; ++p) mine.push_back(k + p);
+  }
+  auto put = [&](int f, size_t o, const uint8_t* src, size_t c) -> Status {
+    if (f >= k) {
+      std::memcpy(parity_out.data() + static_cast<size_t>(f - k) * P + o, src, c);
+      return Status::OK();
+    }
+    const size_t begin = static_cast<size_t>(f) * P + o;
+    const size_t have = begin >= own ? 0 : std::min(c, own - begin);
+    // The target's segments are writable memory (EcRebuildTarget).
+    return ForRange(dest, begin, have, [&](const uint8_t* to, size_t n) {
+      std::memcpy(const_cast<uint8_t*>(to), src, n);
+      src += n;
+      return Status::OK();
+    });
+  };
+  int sources = 0;
+  STRATA_RETURN_IF_ERROR(StreamFragments(ver, P, present, mine, put, nullptr, &sources));
   const int64_t t_decoded = NowNs();
 
   if (SegmentsCrc(dest) != ref.manifests(li_).node_crc32c()) {
@@ -1320,13 +1418,16 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
         "rebuilt snapshot version {} of node {} does not match its manifest's CRC-32C (a "
         "survivor sent corrupted bytes)", ver, options_.node));
   }
-  if (FragmentChecksum(parity_out.data(), parity_out.size()) != parity_crc[li_]) {
+  if (!defer_parity &&
+      FragmentChecksum(parity_out.data(), parity_out.size()) != parity_crc[li_]) {
     return Status::Corruption("rebuilt parity does not match the CRC-32C its node reported");
   }
   EcRebuilt out;
   out.version = ver;
   out.manifest = ref.manifests(li_);
   out.in_place = true;
+  out.parity_pending = defer_parity;
+  out.present = present;
   out.missing.push_back(options_.node);
   for (int j = 0; j < n_; ++j) {
     if (!present[j] && j != li_) out.missing.push_back(GroupNode(j));
@@ -1335,12 +1436,81 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
   out.parity_crc = parity_crc;
   out.manifests.assign(ref.manifests().begin(), ref.manifests().end());
   out.seconds = (NowNs() - t0) / 1e9;
-  STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: streaming rebuild of version {} from {} nodes: "
-                          "fetch + decode {:.3f} s, check {:.3f} s", options_.node, ver,
-             senders.size(), (t_decoded - t0) / 1e9, (NowNs() - t_decoded) / 1e9);
+  STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: streaming rebuild of version {} ({}) from {} "
+                          "nodes: fetch + decode {:.3f} s, check {:.3f} s", options_.node, ver,
+             defer_parity ? "data; parity later" : "data and parity", sources,
+             (t_decoded - t0) / 1e9, (NowNs() - t_decoded) / 1e9);
   STRATA_LOG(INFO, CKPT, "snapshotd node {}: rebuilt version {} ({} bytes) by erasure decoding "
                          "in {:.3f} s", options_.node, ver, own, out.seconds);
   return out;
+}
+
+void EcPeer::RebuildParityLater(const std::shared_ptr<Version>& v, std::vector<bool> present) {
+  ++v->readers;
+  Spawn([this, v, present = std::move(present)] {
+    const int64_t t0 = NowNs();
+    const int k = options_.k, m = options_.m;
+    Status st;
+    EcShm shm;
+    size_t P = 0;
+    uint32_t want_crc = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      P = v->P;
+      want_crc = v->parity_crc;
+    }
+    auto obsolete = [&] {
+      std::lock_guard<std::mutex> lock(mu_);
+      return stop_.load() || v->dropped || group_version_ > v->version;
+    };
+    StatusOr<EcShm> made = EcShm::Create(
+        EcParityShmName(options_.shm_run, options_.node, v->version), static_cast<size_t>(m) * P);
+    if (made.ok()) {
+      shm = std::move(*made);
+      std::vector<int> mine;
+      for (int p = 0; p < m; ++p) mine.push_back(k + p);
+      st = StreamFragments(v->version, P, present, mine,
+                           [&](int f, size_t o, const uint8_t* src, size_t c) {
+                             std::memcpy(shm.data() + static_cast<size_t>(f - k) * P + o, src, c);
+                             return Status::OK();
+                           },
+                           obsolete, nullptr);
+    } else {
+      st = made.status();
+    }
+    if (st.ok() && FragmentChecksum(shm.data(), shm.size()) != want_crc) {
+      st = Status::Corruption("rebuilt parity does not match the CRC-32C its node reported");
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    --v->readers;
+    if (st.ok() && !v->dropped && v->parity == nullptr) {
+      v->parity_name = shm.name();
+      v->parity = shm.data();
+      shm.Release();  // Retire unmaps and unlinks it
+      v->stripe_done.assign(m, true);
+      v->parity_complete = true;
+      v->done_sent = true;
+      proto::EcParityDone done;
+      done.set_version(v->version);
+      done.set_from(li_);
+      for (const auto& mf : v->manifests) done.add_nonces(mf->nonce());
+      done.set_parity_crc32c(v->parity_crc);
+      v->done[li_] = done;
+      STRATA_LOG(INFO, CKPT, "snapshotd node {}: parity of rebuilt version {} rebuilt in the "
+                             "background in {:.3f} s", options_.node, v->version,
+                 (NowNs() - t0) / 1e9);
+      SendParityDone(v, done, "rebuilt ");
+    } else if (st.code() == StatusCode::kAborted || v->dropped) {
+      STRATA_LOG(INFO, CKPT, "snapshotd node {}: parity of rebuilt version {} no longer needed "
+                             "(a newer version is group-committed)", options_.node, v->version);
+    } else {
+      STRATA_LOG(WARN, CKPT, "snapshotd node {}: background rebuild of the parity of version "
+                             "{}: {}; this node's parity of it stays missing (the next "
+                             "version protects the job again)", options_.node, v->version,
+                 st.ToString());
+    }
+    Retire(*v);
+  });
 }
 
 void EcPeer::AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
@@ -1353,6 +1523,23 @@ void EcPeer::AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
   v->nonce = rebuilt.manifest.nonce();
   v->segments = std::move(segments);
   for (int j = 0; j < n_; ++j) InstallAnnounce(*v, j, rebuilt.manifests[j]);
+  for (int j = 0; j < n_; ++j) {
+    proto::EcParityDone d;
+    d.set_version(v->version);
+    d.set_from(j);
+    for (const auto& mf : rebuilt.manifests) d.add_nonces(mf.nonce());
+    d.set_parity_crc32c(rebuilt.parity_crc[j]);
+    if (j != li_ || !rebuilt.parity_pending) v->done[j] = d;
+  }
+  v->parity_crc = rebuilt.parity_crc[li_];
+  if (rebuilt.parity_pending) {
+    // Every survivor group-committed it (Rebuild defers only then): so does this node, with its
+    // parity missing until RebuildParityLater puts it in place. Meanwhile this node's EcHeld
+    // says parity_complete = false, so another rebuild counts it as lost.
+    MarkGroupCommitted(v);
+    RebuildParityLater(v, rebuilt.present);
+    return;
+  }
   const bool in_shm = rebuilt.parity_shm.data() != nullptr;
   const size_t have = in_shm ? rebuilt.parity_shm.size() : rebuilt.parity.size();
   if (in_shm && v->parity == nullptr && v->parity_len == have) {
@@ -1369,16 +1556,7 @@ void EcPeer::AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
   if (!in_shm && have > 0) std::memcpy(v->parity, rebuilt.parity.data(), v->parity_len);
   v->stripe_done.assign(options_.m, true);
   v->parity_complete = true;
-  v->parity_crc = rebuilt.parity_crc[li_];
   v->done_sent = true;
-  for (int j = 0; j < n_; ++j) {
-    proto::EcParityDone d;
-    d.set_version(v->version);
-    d.set_from(j);
-    for (const auto& mf : rebuilt.manifests) d.add_nonces(mf.nonce());
-    d.set_parity_crc32c(rebuilt.parity_crc[j]);
-    v->done[j] = d;
-  }
   MaybeGroupCommit(v);
   // The lost node may have died between sending its parity-done of this version to one
   // survivor and to another: then one survivor group-committed it and another never will, and

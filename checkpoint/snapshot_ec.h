@@ -132,6 +132,10 @@ struct EcRebuilt {
   // object, which AdoptRebuilt takes over), not in `parity`.
   bool in_place = false;
   EcShm parity_shm;
+  // This node's parity was not rebuilt yet: AdoptRebuilt rebuilds it in the background from the
+  // survivors marked in `present` (by group index), after the ranks resumed.
+  bool parity_pending = false;
+  std::vector<bool> present;
 };
 
 // Where Rebuild may decode this node's buffer: writable memory of manifest.node_bytes() bytes in
@@ -171,6 +175,13 @@ class EcPeer {
   // other node of the group holds a group-committed version (a fresh job); DataLoss when more
   // than m nodes are missing; Corruption when the rebuilt bytes do not match the manifest.
   //
+  // With a target, only this node's data is rebuilt before Rebuild returns (when every survivor
+  // has group-committed the version): the survivors send just the k fragments of each of this
+  // node's data stripes, and AdoptRebuilt rebuilds this node's parity in the background while
+  // the ranks resume (until then another rebuild counts this node as lost; a newer version
+  // group-committing makes that parity moot and stops it). For 1+1 this moves half the bytes
+  // before the resume, for 2+1 two thirds.
+  //
   // With a target, the survivors send their fragments striped, a chunk at a time, and the chunk
   // is decoded straight into the target's memory as the next one arrives: no buffer of the
   // survivors' data exists, and this node's data is not copied again afterwards (on a restarted
@@ -195,13 +206,31 @@ class EcPeer {
   void AcceptLoop();
   void ServeConnection(int fd);
   Status HandlePiece(int fd, const proto::EcPiece& piece);
-  // The striped answer to an EcFetch with chunk_bytes (see snapshot.proto); v held as a reader.
-  Status SendStriped(int fd, const Version& v, size_t chunk) const;
+  // The striped answer to an EcFetch with chunk_bytes (see snapshot.proto): `fragments` of this
+  // node's (ids as in EcFetch.fragments), chunk by chunk; v held as a reader.
+  Status SendStriped(int fd, const Version& v, size_t chunk,
+                     const std::vector<int>& fragments) const;
+  // Decoded chunk of this node's fragment f (an EcFetch.fragments id) at offset o: len bytes.
+  using FragmentSink = std::function<Status(int f, size_t o, const uint8_t* src, size_t len)>;
+  // Rebuilds this node's fragments `mine` of version `ver` (pieces of P bytes): for each, k
+  // fragments of its stripe are streamed from the nodes marked in `present`, kStreamChunk at a
+  // time, and decoded chunk by chunk into `put`. `cancelled` (may be null) is asked between
+  // chunks; true stops with Aborted. *sources: how many nodes sent.
+  Status StreamFragments(int64_t ver, size_t P, const std::vector<bool>& present,
+                         const std::vector<int>& mine, const FragmentSink& put,
+                         const std::function<bool()>& cancelled, int* sources);
   StatusOr<EcRebuilt> RebuildStreaming(int64_t ver, const proto::EcHeld& ref,
                                        const StripeLayout& layout, const std::vector<bool>& present,
                                        const std::vector<uint32_t>& parity_crc,
-                                       const std::vector<EcSegment>& dest, int64_t t0);
+                                       const std::vector<EcSegment>& dest, int64_t t0,
+                                       bool defer_parity);
+  // mu_ held: rebuilds v's parity on a spawned thread (v held as a reader), then completes v
+  // (parity_complete, this node's parity-done, sent to the group). Gives up when a newer version
+  // group-commits first.
+  void RebuildParityLater(const std::shared_ptr<Version>& v, std::vector<bool> present);
+  void MarkGroupCommitted(const std::shared_ptr<Version>& v);  // mu_ held
   void SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest);
+  static constexpr size_t kStreamChunk = 1 << 20;  // bytes per fragment per streamed chunk
   // Runs fn on a detached thread that Shutdown waits for. mu_ held.
   void Spawn(std::function<void()> fn);
   void InstallAnnounce(Version& v, int from, const proto::EcNodeManifest& m);  // mu_ held

@@ -960,7 +960,10 @@ Status Snapshotd::InstallRebuilt(EcRebuilt& rebuilt) {
   rebuilt_note_ = fmt::format(
       "version {} of node {} was rebuilt by erasure decoding (k={} m={}, lost nodes {}; {}) in "
       "{:.3f} s{}", rebuilt.version, options_.node, options_.ec_k, options_.ec_m, missing,
-      rebuilt.in_place ? "streamed, decoded in place" : "whole buffers fetched", rebuilt.seconds,
+      !rebuilt.in_place        ? "whole buffers fetched"
+      : rebuilt.parity_pending ? "streamed, decoded in place; its parity follows in the background"
+                               : "streamed, decoded in place",
+      rebuilt.seconds,
       repaired.empty() ? "" : "; repaired corrupted parity of nodes " + repaired);
   STRATA_LOG(INFO, CKPT, "snapshotd: {}", rebuilt_note_);
   return Status::OK();
