@@ -341,6 +341,13 @@ Status SnapshotClient::Finish() {
   return Status::OK();
 }
 
+StatusOr<std::string> SnapshotClient::Repair(int64_t version) {
+  proto::SnapshotRequest req;
+  req.mutable_repair()->set_version(version);
+  STRATA_ASSIGN_OR_RETURN(proto::SnapshotReply reply, Call(req));
+  return reply.repair().note();
+}
+
 StatusOr<int> SnapshotClient::Ping() {
   proto::SnapshotRequest req;
   req.mutable_ping();

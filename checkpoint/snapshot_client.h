@@ -108,6 +108,12 @@ class SnapshotClient {
   Status ReadLatest(const LatestInfo& info, const std::vector<SectionBuffer>& out,
                     int rank = -1) const;
 
+  // After ReadLatest found this node's data of parity-protected `version` corrupted: asks
+  // snapshotd to rebuild the node's data of it in place from the other nodes' parity
+  // (snapshot_ec.h EcPeer::RepairLocal). Returns snapshotd's note of what it did; errors as
+  // snapshotd gives them (FailedPrecondition without erasure coding, DataLoss, Corruption).
+  StatusOr<std::string> Repair(int64_t version);
+
   // Ends the job for this node: snapshotd removes all shared memory and its socket and exits.
   // Rank 0 of each node calls it once training is over (not on a crash: then the data must stay).
   Status Finish();

@@ -605,14 +605,19 @@ void EcPeer::Progress(std::unique_lock<std::mutex>& lock, const std::shared_ptr<
   }
   if (!v->local_ready || v->done_sent) return;
   v->done_sent = true;
-  proto::EcParityDone done;
-  done.set_version(v->version);
-  done.set_from(li_);
-  for (const auto& mf : v->manifests) done.add_nonces(mf->nonce());
-  done.set_parity_crc32c(v->parity_crc);
+  const proto::EcParityDone done = ParityDone(*v, li_, v->parity_crc);
   v->done[li_] = done;
   MaybeGroupCommit(v);
   SendParityDone(v, done, "");
+}
+
+proto::EcParityDone EcPeer::ParityDone(const Version& v, int from, uint32_t parity_crc) const {
+  proto::EcParityDone done;
+  done.set_version(v.version);
+  done.set_from(from);
+  for (const auto& mf : v.manifests) done.add_nonces(mf->nonce());
+  done.set_parity_crc32c(parity_crc);
+  return done;
 }
 
 void EcPeer::SendParityDone(const std::shared_ptr<Version>& v, const proto::EcParityDone& done,
@@ -1023,10 +1028,9 @@ Status EcPeer::HandlePiece(int fd, const proto::EcPiece& pc) {
 // ---------------------------------------------------------------------------------------------
 // Rebuild
 
-StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
-  const int64_t t0 = NowNs();
+std::vector<std::optional<proto::EcStateReply>> EcPeer::QueryStates(int* reachable) {
   std::vector<std::optional<proto::EcStateReply>> states(n_);
-  int reachable = 0;
+  *reachable = 0;
   for (int j = 0; j < n_; ++j) {
     if (j == li_) continue;
     proto::EcPeerRequest req;
@@ -1036,12 +1040,88 @@ StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
     if (st.ok()) st = ReplyStatus(reply);
     if (st.ok()) {
       states[j] = reply.state();
-      ++reachable;
+      ++*reachable;
     } else {
-      STRATA_LOG(INFO, CKPT, "snapshotd node {}: rebuild: node {}: {}", options_.node,
-                 GroupNode(j), st.ToString());
+      STRATA_LOG(INFO, CKPT, "snapshotd node {}: node {}: {}", options_.node, GroupNode(j),
+                 st.ToString());
     }
   }
+  return states;
+}
+
+StatusOr<EcRepaired> EcPeer::RepairLocal(int64_t version) {
+  const int64_t t0 = NowNs();
+  std::shared_ptr<Version> v;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = versions_.find(version);
+    if (it == versions_.end() || !it->second->local_ready || !it->second->group_committed ||
+        !it->second->manifests[li_]) {
+      return Status::FailedPrecondition(fmt::format(
+          "node {} holds no group-committed data of version {} to repair", options_.node,
+          version));
+    }
+    v = it->second;
+    ++v->readers;
+  }
+  struct Release {
+    EcPeer* self;
+    std::shared_ptr<Version> v;
+    ~Release() {
+      std::lock_guard<std::mutex> lock(self->mu_);
+      --v->readers;
+      self->Retire(*v);
+    }
+  } release{this, v};
+  EcRepaired out;
+  const uint32_t want = v->manifests[li_]->node_crc32c();
+  if (SegmentsCrc(v->segments) == want) return out;  // intact: another rank asked first
+
+  int reachable = 0;
+  const auto states = QueryStates(&reachable);
+  std::vector<bool> present(n_, false);
+  std::string from;
+  for (int j = 0; j < n_; ++j) {
+    if (!states[j]) continue;
+    for (const auto& h : states[j]->held()) {
+      if (h.version() == version && h.data_present() && h.parity_complete()) present[j] = true;
+    }
+    if (present[j]) from += fmt::format("{}{}", from.empty() ? "" : ",", GroupNode(j));
+  }
+  std::vector<int> data;
+  for (int f = 0; f < options_.k; ++f) data.push_back(f);
+  const size_t own = v->manifests[li_]->node_bytes(), P = v->P;
+  auto put = [&](int f, size_t o, const uint8_t* src, size_t c) -> Status {
+    const size_t begin = static_cast<size_t>(f) * P + o;
+    const size_t have = begin >= own ? 0 : std::min(c, own - begin);
+    // Back into the slots the version lives in: the bytes that were right stay the same.
+    return ForRange(v->segments, begin, have, [&](const uint8_t* to, size_t n) {
+      std::memcpy(const_cast<uint8_t*>(to), src, n);
+      src += n;
+      return Status::OK();
+    });
+  };
+  STRATA_RETURN_IF_ERROR(
+      StreamFragments(version, P, present, data, put, nullptr, &out.sources)
+          .WithContext(fmt::format("repairing version {} of node {}", version, options_.node)));
+  if (SegmentsCrc(v->segments) != want) {
+    return Status::Corruption(fmt::format(
+        "version {} of node {} still fails its CRC-32C after erasure decoding from nodes {}",
+        version, options_.node, from));
+  }
+  out.repaired = true;
+  out.seconds = (NowNs() - t0) / 1e9;
+  out.note = fmt::format("node {}'s data of version {} failed its CRC-32C; rebuilt in place by "
+                         "erasure decoding (k={} m={}) from nodes {} in {:.3f} s",
+                         options_.node, version, options_.k, options_.m, from, out.seconds);
+  STRATA_LOG(WARN, CKPT, "snapshotd: {}", out.note);
+  return out;
+}
+
+StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
+  const int64_t t0 = NowNs();
+  int reachable = 0;
+  const std::vector<std::optional<proto::EcStateReply>> states = QueryStates(&reachable);
   // The newest version any survivor reports group-committed.
   int64_t ver = -1;
   const proto::EcHeld* ref = nullptr;
@@ -1490,11 +1570,7 @@ void EcPeer::RebuildParityLater(const std::shared_ptr<Version>& v, std::vector<b
       v->stripe_done.assign(m, true);
       v->parity_complete = true;
       v->done_sent = true;
-      proto::EcParityDone done;
-      done.set_version(v->version);
-      done.set_from(li_);
-      for (const auto& mf : v->manifests) done.add_nonces(mf->nonce());
-      done.set_parity_crc32c(v->parity_crc);
+      const proto::EcParityDone done = ParityDone(*v, li_, v->parity_crc);
       v->done[li_] = done;
       STRATA_LOG(INFO, CKPT, "snapshotd node {}: parity of rebuilt version {} rebuilt in the "
                              "background in {:.3f} s", options_.node, v->version,
@@ -1524,12 +1600,7 @@ void EcPeer::AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments) {
   v->segments = std::move(segments);
   for (int j = 0; j < n_; ++j) InstallAnnounce(*v, j, rebuilt.manifests[j]);
   for (int j = 0; j < n_; ++j) {
-    proto::EcParityDone d;
-    d.set_version(v->version);
-    d.set_from(j);
-    for (const auto& mf : rebuilt.manifests) d.add_nonces(mf.nonce());
-    d.set_parity_crc32c(rebuilt.parity_crc[j]);
-    if (j != li_ || !rebuilt.parity_pending) v->done[j] = d;
+    if (j != li_ || !rebuilt.parity_pending) v->done[j] = ParityDone(*v, j, rebuilt.parity_crc[j]);
   }
   v->parity_crc = rebuilt.parity_crc[li_];
   if (rebuilt.parity_pending) {

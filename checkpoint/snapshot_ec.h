@@ -138,6 +138,14 @@ struct EcRebuilt {
   std::vector<bool> present;
 };
 
+// What RepairLocal did.
+struct EcRepaired {
+  bool repaired = false;  // false: the data was intact, nothing written
+  int sources = 0;        // nodes that sent fragments
+  double seconds = 0;
+  std::string note;
+};
+
 // Where Rebuild may decode this node's buffer: writable memory of manifest.node_bytes() bytes in
 // all, as segments in node-buffer order (snapshotd's rank slots), or an error.
 using EcRebuildTarget =
@@ -190,6 +198,13 @@ class EcPeer {
   // not match (or a survivor fails mid-way), Rebuild falls back to fetching whole buffers, which
   // checks every survivor's fragment on its own and so finds and repairs a corrupted one.
   StatusOr<EcRebuilt> Rebuild(const EcRebuildTarget& target = nullptr);
+  // This node's own data of group-committed `version` (in the rank slots) fails its CRC-32C
+  // (bytes corrupted at rest, found by a rank's restore): rebuilds it in place by erasure
+  // decoding from the other nodes of the group, the same streamed path as a lost node's data,
+  // and checks it. Intact data is left alone. FailedPrecondition when this node does not hold
+  // the version group-committed; DataLoss when too few other nodes hold it; Corruption when the
+  // result still fails the checksum.
+  StatusOr<EcRepaired> RepairLocal(int64_t version);
   // After Rebuild: the rebuilt data now lives in `segments` (the rank slots snapshotd wrote);
   // this node holds the version as group-committed again, parity included.
   void AdoptRebuilt(EcRebuilt& rebuilt, std::vector<EcSegment> segments);
@@ -229,6 +244,8 @@ class EcPeer {
   // group-commits first.
   void RebuildParityLater(const std::shared_ptr<Version>& v, std::vector<bool> present);
   void MarkGroupCommitted(const std::shared_ptr<Version>& v);  // mu_ held
+  // EcStateRequest to every other node of the group: its reply, or nullopt when unreachable.
+  std::vector<std::optional<proto::EcStateReply>> QueryStates(int* reachable);
   void SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest);
   static constexpr size_t kStreamChunk = 1 << 20;  // bytes per fragment per streamed chunk
   // Runs fn on a detached thread that Shutdown waits for. mu_ held.
@@ -240,6 +257,8 @@ class EcPeer {
   void MaybeGroupCommit(const std::shared_ptr<Version>& v);  // mu_ held
   // mu_ held: sends `done` to every other node of the group on a spawned thread (holding v as a
   // reader meanwhile); `what` qualifies the version in warnings ("" or "rebuilt ").
+  // mu_ held, every manifest of v known: the parity-done of group index `from` for v.
+  proto::EcParityDone ParityDone(const Version& v, int from, uint32_t parity_crc) const;
   void SendParityDone(const std::shared_ptr<Version>& v, const proto::EcParityDone& done,
                       const char* what);
   void DropVersion(int64_t version);                         // mu_ held

@@ -408,6 +408,12 @@ proto::SnapshotReply Snapshotd::Handle(int fd, const proto::SnapshotRequest& req
       st = r.status();
       break;
     }
+    case proto::SnapshotRequest::kRepair: {
+      auto r = DoRepair(req.repair().version());
+      if (r.ok()) *reply.mutable_repair() = std::move(*r);
+      st = r.status();
+      break;
+    }
     case proto::SnapshotRequest::kFinish:
       reply.mutable_finish();
       *finish = true;
@@ -837,6 +843,27 @@ StatusOr<proto::LatestReply> Snapshotd::DoLatest(int64_t max_disk_version) {
   }
   if (!ec_error.ok()) return ec_error;
   reply.set_found(false);
+  return reply;
+}
+
+StatusOr<proto::RepairReply> Snapshotd::DoRepair(int64_t version) {
+  if (!ec_) {
+    return Status::FailedPrecondition(
+        "this snapshotd does not erasure-code across nodes: nothing to repair a corrupted "
+        "snapshot from (resume from disk, or start the run again)");
+  }
+  ProcessEc();
+  if (version != group_version_) {
+    return Status::FailedPrecondition(fmt::format(
+        "version {} is not the group-committed version of node {} ({}): only that one has "
+        "parity to repair from", version, options_.node, group_version_));
+  }
+  STRATA_ASSIGN_OR_RETURN(EcRepaired r, ec_->RepairLocal(version));
+  proto::RepairReply reply;
+  reply.set_repaired(r.repaired);
+  reply.set_note(r.repaired ? r.note
+                            : fmt::format("node {}'s data of version {} is intact", options_.node,
+                                          version));
   return reply;
 }
 

@@ -120,6 +120,7 @@ class Snapshotd {
   StatusOr<proto::RegisterReply> DoRegister(int fd, const proto::RegisterRequest& r);
   StatusOr<proto::BeginVersionReply> DoBegin(RankState& st, const proto::BeginVersionRequest& r);
   StatusOr<proto::PublishReply> DoPublish(RankState& st, const proto::PublishRequest& r);
+  StatusOr<proto::RepairReply> DoRepair(int64_t version);
   StatusOr<proto::LatestReply> DoLatest(int64_t max_disk_version);
   // Creates (or reattaches) `rank`'s two slots and adds it to ranks_ with no connection.
   StatusOr<RankState*> OpenRank(int rank, int world, size_t bytes, bool* reattached);

@@ -39,6 +39,10 @@ StatusOr<std::unique_ptr<checkpoint::SnapshotClient>> ConnectTo(const ChaosArgs&
   checkpoint::SnapshotdOptions so;
   so.run = a.run;
   so.socket_path = a.socket;
+  // strata train's node tag on nodes that share a machine (network namespaces).
+  if (so.socket_path.empty() && !a.shm_tag.empty()) {
+    so.socket_path = checkpoint::DefaultSocketPath(a.run + "." + a.shm_tag);
+  }
   return checkpoint::SnapshotClient::Connect(checkpoint::SnapshotdSocketPath(so));
 }
 
@@ -204,6 +208,9 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
       "snapshot, which recovers the committed versions from the shared memory left behind.");
   k->add_option("--run", a->run, "run name (strata train --run)")->required();
   k->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
+  k->add_option("--shm-tag", a->shm_tag,
+                "the node tag strata train gives the snapshotd when nodes share one machine "
+                "(n<node index>, network namespaces); picks its socket");
   commands.push_back({k, [a] {
                         Status st = KillSnapshotd(*a);
                         if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
@@ -231,9 +238,14 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   CLI::App* c = chaos->add_subcommand(
       "corrupt",
       "Flip one byte of a rank's section in the newest committed snapshot in shared memory. "
-      "Its CRC-32C no longer matches: a resume must detect it and not load it.");
+      "Its CRC-32C no longer matches: a resume detects it. With snapshots erasure-coded across "
+      "nodes the node's snapshotd then rebuilds the bytes from the other nodes' parity and the "
+      "resume goes on; without, the resume refuses to load it.");
   c->add_option("--run", a->run, "run name (strata train --run)")->required();
   c->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
+  c->add_option("--shm-tag", a->shm_tag,
+                "the node tag strata train gives the snapshotd when nodes share one machine "
+                "(n<node index>, network namespaces); picks its socket");
   c->add_option("--rank", a->rank, "whose snapshot")->capture_default_str();
   c->add_option("--section", a->section, "state, weights, adam_m or adam_v")->capture_default_str();
   c->add_option("--byte", a->byte, "offset inside the section")->capture_default_str();

@@ -461,6 +461,9 @@ int RunTrain(TrainArgs a) {
       // node holds only its own ranks', so the ranks all-gather.
       const bool one_node = topo.num_nodes == 1;
       if (Status l = snap->Load(/*all_weights=*/one_node); !l.ok()) return abort_all(l);
+      if (!snap->repair_note().empty()) {
+        std::fprintf(stderr, "strata train: %s\n", snap->repair_note().c_str());
+      }
       const uint64_t t_loaded = NowNs();
       if (!one_node) {
         if (Status g = tr.GatherWeights(); !g.ok()) return abort_all(g);

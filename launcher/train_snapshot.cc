@@ -240,6 +240,21 @@ StatusOr<ResumeInfo> TrainSnapshotter::Probe(int64_t max_disk_version) {
 }
 
 Status TrainSnapshotter::Load(bool all_weights) {
+  repair_note_.clear();
+  Status st = LoadOnce(all_weights);
+  if (st.code() != StatusCode::kCorruption || !probed_.parity_protected || probed_.from_disk) {
+    return st;
+  }
+  StatusOr<std::string> repaired = client_->Repair(probed_.version);
+  if (!repaired.ok()) {
+    return Status::Corruption(fmt::format("{}; repairing it from the other nodes' parity failed: "
+                                          "{}", st.message(), repaired.status().message()));
+  }
+  repair_note_ = fmt::format("rank {}: {}; {}", rank_, st.message(), *repaired);
+  return LoadOnce(all_weights);
+}
+
+Status TrainSnapshotter::LoadOnce(bool all_weights) {
   const size_t slice = store_->slice_size() * sizeof(float);
   STRATA_RETURN_IF_ERROR(
       client_->ReadLatest(probed_, {{"weights", store_->weights() + store_->slice_begin(), slice},

@@ -81,7 +81,13 @@ class TrainSnapshotter {
   // With all_weights (every rank of the job on this node, so the version holds every rank's
   // data), also every other rank's slice of the weights, read from the same memory: the caller
   // then has the whole model and need not all-gather it. Otherwise the caller all-gathers.
+  // A checksum mismatch in a parity-protected version (bytes corrupted at rest) is repaired by
+  // the node's snapshotd from the other nodes' parity and the read redone once; repair_note()
+  // then says what happened. Without parity the mismatch is a Corruption error naming rank and
+  // section: bad state is never loaded.
   Status Load(bool all_weights = false);
+  // Non-empty when Load repaired a corrupted snapshot (one line for the log).
+  const std::string& repair_note() const { return repair_note_; }
   // The job is done (rank 0): snapshotd removes its memory and exits.
   Status Finish();
   // One rank per node: makes the node's snapshotd drop its memory (Finish) and waits until the
@@ -98,6 +104,7 @@ class TrainSnapshotter {
  private:
   TrainSnapshotter() = default;
   Status Snapshot(int64_t step);
+  Status LoadOnce(bool all_weights);
   checkpoint::SnapshotdOptions DaemonOptions() const;
 
   TrainSnapshotOptions opts_;
@@ -107,6 +114,7 @@ class TrainSnapshotter {
   std::unique_ptr<checkpoint::SnapshotClient> client_;
   std::future<Status> inflight_;
   checkpoint::LatestInfo probed_;  // what Probe found, for Load
+  std::string repair_note_;
   size_t bytes_ = 0;
   int64_t snapshots_ = 0;
   int reconnects_ = 0;

@@ -18,6 +18,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
@@ -388,6 +389,59 @@ TEST(SnapshotEc, CorruptedParityIsDetectedByChecksumAndRepaired) {
   EXPECT_NE(l->note.find("whole buffers fetched"), std::string::npos) << l->note;
   EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(1), 1, 1)), ref[1]);
   EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(3), 3, 1)), ref[3]);
+}
+
+// Flips one byte of `rank`'s section `a` in the slot the latest version of node i names.
+void FlipSlotByte(const LatestInfo& info, int rank, size_t at) {
+  for (const auto& r : info.manifest.ranks()) {
+    if (r.rank() != rank) continue;
+    const int fd = ::shm_open(r.shm_name().c_str(), O_RDWR, 0);
+    ASSERT_GE(fd, 0) << r.shm_name();
+    struct stat sb {};
+    ::fstat(fd, &sb);
+    auto* p = static_cast<uint8_t*>(::mmap(nullptr, static_cast<size_t>(sb.st_size),
+                                           PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+    p[r.sections(0).offset() + at] ^= 0x5A;
+    ::munmap(p, static_cast<size_t>(sb.st_size));
+    ::close(fd);
+    return;
+  }
+  FAIL() << "rank " << rank << " is not in the manifest";
+}
+
+TEST(SnapshotEc, CorruptedDataOfALiveNodeIsRepairedInPlaceFromParity) {
+  for (auto [n, k, m] : {std::tuple{3, 2, 1}, std::tuple{2, 1, 1}, std::tuple{4, 2, 2}}) {
+    SCOPED_TRACE(fmt::format("{}+{}", k, m));
+    Cluster c(n, k, m);
+    c.StartAll();
+    c.WriteAll(4);
+    c.WaitGroupAll(4);
+    const int node = n - 1, rank = node * kRanksPerNode + 1;
+    auto l = c.Latest(node);
+    ASSERT_TRUE(l.ok()) << l.status();
+    // Intact: nothing to do, nothing written.
+    auto intact = c.clients_[node][0]->Repair(4);
+    ASSERT_TRUE(intact.ok()) << intact.status();
+    EXPECT_NE(intact->find("intact"), std::string::npos) << *intact;
+    FlipSlotByte(*l, rank, 1234);
+    std::vector<uint8_t> a(c.clients_[node][1]->bytes_per_version() / 3);
+    const Status bad = c.clients_[node][1]->ReadLatest(*l, {{"a", a.data(), a.size()}});
+    ASSERT_EQ(bad.code(), StatusCode::kCorruption) << bad;
+    auto fixed = c.clients_[node][1]->Repair(4);
+    ASSERT_TRUE(fixed.ok()) << fixed.status();
+    EXPECT_NE(fixed->find("rebuilt in place by erasure decoding"), std::string::npos) << *fixed;
+    c.ExpectBitwise(node, *l, 4);
+    // The group goes on: the repaired node's data still encodes to the same parity.
+    c.WriteAll(5);
+    c.WaitGroupAll(5);
+    const auto ref = c.ReferenceParity(5);
+    for (int i = 0; i < n; ++i) {
+      EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(i), i, 5)), ref[i]) << "node " << i;
+    }
+    // Only the group-committed version has parity to repair from.
+    auto old = c.clients_[node][0]->Repair(4);
+    EXPECT_EQ(old.status().code(), StatusCode::kFailedPrecondition) << old.status();
+  }
 }
 
 TEST(SnapshotEc, CorruptedParityWithTooFewSpareNodesIsDataLoss) {

@@ -7,7 +7,13 @@
 # against an unbroken run:
 #  1. one node lost: its snapshot is rebuilt by erasure decoding from the 2 surviving nodes;
 #  2. two nodes lost (more than m): the relaunch falls back to the version persisted on disk,
-#     and says why.
+#     and says why;
+#  3. a rank crashes and the snapshotd of its node is SIGKILLed too (strata chaos
+#     kill-snapshotd): the node's new snapshotd recovers the version from the shared memory left
+#     behind;
+#  4. a rank crashes and a byte of a committed snapshot on its node is corrupted (strata chaos
+#     corrupt): the resume's checksum catches it and the node's snapshotd repairs the bytes from
+#     the other nodes' parity.
 # Exits 77 (CTest: skipped) when network namespaces cannot be created here.
 #   train_ec_fault_test.sh STRATA_BINARY SOURCE_DIR
 set -euo pipefail
@@ -17,7 +23,7 @@ TAG="ec$$"
 export STRATA_NETNS_PREFIX="$TAG-h" STRATA_NETNS_STATE="/tmp/strata-netns-$TAG"
 CLUSTER="$SRC/scripts/netns-cluster.sh"
 WORK="$(mktemp -d /tmp/strata-train-ec-fault-XXXXXX)"
-RUNS=("$TAG-a" "$TAG-b")
+RUNS=("$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d")
 BG=""  # pid of a launch running in the background
 
 cleanup() {
@@ -82,6 +88,13 @@ broken() {
   echo "train_ec_fault_test: $name: nodes ${nodes[*]} taken down after step $done_steps of $STEPS:"
   sed 's/^/  /' "$WORK/$name.chaos"
 }
+crash() {  # crash RUN NAME STEP RANK: rank RANK is SIGKILLed after step STEP; the launch fails
+  local run="$1" name="$2" step="$3" rank="$4"
+  if launch --run "$run" --fail-at-step "$step" --fail-rank "$rank" \
+      > "$WORK/$name.jsonl" 2> "$WORK/$name.err"; then
+    echo "train_ec_fault_test: $name: the run survived its rank crash"; cat "$WORK/$name.err"; exit 1
+  fi
+}
 resume() {  # resume RUN NAME [extra args]
   local run="$1" name="$2"; shift 2
   launch --run "$run" --resume auto --save "$WORK/$name" "$@" \
@@ -124,4 +137,20 @@ resume "$TAG-b" two-nodes-disk "${DISK[@]}"
 same_as_full two-nodes-disk "disk"
 grep "resumed from disk because nodes 1,2 lost their snapshot memory" "$WORK/two-nodes-disk.err" ||
   { echo "train_ec_fault_test: the disk fallback did not say why"; cat "$WORK/two-nodes-disk.err"; exit 1; }
+# 3. A rank of node 2 crashes, then node 2's snapshotd is killed as well.
+crash "$TAG-c" rank-crash 5 2
+ip netns exec "${STRATA_NETNS_PREFIX}2" "$STRATA" chaos kill-snapshotd --run "$TAG-c" --shm-tag n1
+resume "$TAG-c" snapshotd-killed
+same_as_full snapshotd-killed "snapshotd memory"
+
+# 4. A rank of node 2 crashes and a byte of its node's snapshot rots: repaired from parity.
+crash "$TAG-d" rank-crash-2 5 3
+ip netns exec "${STRATA_NETNS_PREFIX}2" "$STRATA" chaos corrupt --run "$TAG-d" --shm-tag n1 \
+  --rank 3 --section adam_m --byte 100
+resume "$TAG-d" corrupt-repaired
+same_as_full corrupt-repaired "snapshotd memory"
+grep "rank 3: .*section 'adam_m'.*rebuilt in place by erasure decoding (k=2 m=1) from nodes 0,2" \
+    "$WORK/corrupt-repaired.err" ||
+  { echo "train_ec_fault_test: the corrupted snapshot was not reported repaired";
+    cat "$WORK/corrupt-repaired.err"; exit 1; }
 echo "train_ec_fault_test: passed"
