@@ -13,7 +13,10 @@
 #     behind;
 #  4. a rank crashes and a byte of a committed snapshot on its node is corrupted (strata chaos
 #     corrupt): the resume's checksum catches it and the node's snapshotd repairs the bytes from
-#     the other nodes' parity.
+#     the other nodes' parity;
+#  5. a snapshotd is SIGKILLed while training runs: the node's ranks start a new one and
+#     snapshots go on being erasure-coded, so a later rank crash resumes from a version taken
+#     after the kill.
 # Exits 77 (CTest: skipped) when network namespaces cannot be created here.
 #   train_ec_fault_test.sh STRATA_BINARY SOURCE_DIR
 set -euo pipefail
@@ -23,7 +26,7 @@ TAG="ec$$"
 export STRATA_NETNS_PREFIX="$TAG-h" STRATA_NETNS_STATE="/tmp/strata-netns-$TAG"
 CLUSTER="$SRC/scripts/netns-cluster.sh"
 WORK="$(mktemp -d /tmp/strata-train-ec-fault-XXXXXX)"
-RUNS=("$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d")
+RUNS=("$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d" "$TAG-e")
 BG=""  # pid of a launch running in the background
 
 cleanup() {
@@ -153,4 +156,25 @@ grep "rank 3: .*section 'adam_m'.*rebuilt in place by erasure decoding (k=2 m=1)
     "$WORK/corrupt-repaired.err" ||
   { echo "train_ec_fault_test: the corrupted snapshot was not reported repaired";
     cat "$WORK/corrupt-repaired.err"; exit 1; }
+# 5. Node 2's snapshotd dies while the job trains on; a rank crashes much later.
+launch --run "$TAG-e" --fail-at-step 120 --fail-rank 2 > "$WORK/live.jsonl" 2> "$WORK/live.err" &
+BG=$!
+until [[ $(grep -c '"step"' "$WORK/live.jsonl" 2> /dev/null || true) -ge 20 ]]; do
+  kill -0 "$BG" 2> /dev/null || break
+  sleep 0.01
+done
+killed_after=$(grep -c '"step"' "$WORK/live.jsonl" || true)  # the kill lands after this step
+ip netns exec "${STRATA_NETNS_PREFIX}2" "$STRATA" chaos kill-snapshotd --run "$TAG-e" --shm-tag n1
+if wait "$BG"; then
+  BG=""; echo "train_ec_fault_test: the run survived its rank crash"; cat "$WORK/live.err"; exit 1
+fi
+BG=""
+resume "$TAG-e" live-snapshotd-killed
+same_as_full live-snapshotd-killed "snapshotd memory"
+step=$(sed -n 's/.* resumed after step \([0-9]*\) from .*/\1/p' "$WORK/live-snapshotd-killed.err" | head -1)
+((step > killed_after + 10)) ||
+  { echo "train_ec_fault_test: snapshots stopped when node 2's snapshotd was killed after step" \
+         "$killed_after (resumed after step $step)"; cat "$WORK/live.err"; exit 1; }
+echo "train_ec_fault_test: node 2's snapshotd killed after step $killed_after; snapshots went on" \
+     "(resumed after step $step)"
 echo "train_ec_fault_test: passed"
