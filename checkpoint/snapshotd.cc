@@ -166,6 +166,10 @@ Status Snapshotd::Bind() {
 
 Status Snapshotd::Run() {
   Status bound = Bind();
+  if (options_.ready_fd >= 0) {
+    ::close(options_.ready_fd);
+    options_.ready_fd = -1;
+  }
   if (!bound.ok()) {
     Cleanup();
     return bound;
@@ -1209,8 +1213,18 @@ Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strat
 
   // Double fork: the daemon is reparented to init (never a zombie of the trainer), and setsid
   // detaches it from the trainer's session so a signal to the job's process group spares it.
+  // The daemon keeps this pipe's write end (as fd 3, STRATA_SNAPSHOTD_READY_FD) until it has
+  // bound the socket or lost the race to another one: we return only after that, so no daemon
+  // we started can come up after the job has finished and linger until its idle timeout.
+  int ready[2];
+  if (::pipe2(ready, O_CLOEXEC) != 0) return ErrnoStatus("EnsureSnapshotd: pipe", errno);
   const pid_t child = ::fork();
-  if (child < 0) return ErrnoStatus("EnsureSnapshotd: fork", errno);
+  if (child < 0) {
+    const int err = errno;
+    ::close(ready[0]);
+    ::close(ready[1]);
+    return ErrnoStatus("EnsureSnapshotd: fork", err);
+  }
   if (child == 0) {
     ::setsid();
     (void)::sched_setaffinity(0, sizeof(all_cpus), &all_cpus);  // best effort
@@ -1223,23 +1237,38 @@ Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strat
       ::dup2(log_fd, 1);
       ::dup2(log_fd, 2);
     }
+    if (ready[1] == 3) {
+      ::fcntl(3, F_SETFD, 0);
+    } else {
+      ::dup2(ready[1], 3);  // the copy is not close-on-exec
+    }
+    ::setenv("STRATA_SNAPSHOTD_READY_FD", "3", 1);
     // No trainer sockets, MPI fds or the trainer's shm fds leak into the daemon.
-    if (::close_range(3, ~0u, 0) != 0) {
-      for (int fd = 3; fd < 65536; ++fd) ::close(fd);
+    if (::close_range(4, ~0u, 0) != 0) {
+      for (int fd = 4; fd < 65536; ++fd) ::close(fd);
     }
     ::execv(strata_binary.c_str(), argv.data());
     ::_exit(127);
   }
+  ::close(ready[1]);
   int wstatus = 0;
   while (::waitpid(child, &wstatus, 0) < 0 && errno == EINTR) {
   }
   const int64_t deadline = NowNs() + 5'000'000'000;
   Status last;
+  bool decided = false;
   while (NowNs() < deadline) {
+    if (!decided) {
+      pollfd p{ready[0], POLLIN, 0};
+      char c;
+      decided = ::poll(&p, 1, 0) == 1 && ::read(ready[0], &c, 1) <= 0;  // EOF: it decided
+    }
     last = Ping(path);
-    if (last.ok()) return Status::OK();
-    ::usleep(20000);
+    if (last.ok() && decided) break;
+    ::usleep(decided ? 20000 : 5000);
   }
+  ::close(ready[0]);
+  if (last.ok()) return Status::OK();
   return Status::Unavailable(fmt::format(
       "EnsureSnapshotd: started '{} snapshotd --run {}' but nothing answered on {} within 5 s "
       "(see {}): {}",

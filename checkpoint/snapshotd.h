@@ -50,6 +50,9 @@ struct SnapshotdOptions {
   int persist_every = 0;    // persist every N-th committed version; 0: never
   int persist_keep = 2;     // complete versions kept on disk (older ones removed); 0: keep all
   double idle_timeout_s = 600;   // exit after this long with no client connected; <= 0: never
+  // Closed as soon as this server has bound its socket or lost the race for it (EnsureSnapshotd
+  // passes a pipe here): the process that started it then knows it will not come up later.
+  int ready_fd = -1;
   int expected_local_ranks = 0;  // 0: a version commits once every rank registered so far
                                  // published it; N: once N ranks did
 

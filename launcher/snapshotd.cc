@@ -3,6 +3,7 @@
 #include <signal.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -112,6 +113,11 @@ void AddSnapshotdCommand(CLI::App& root, std::vector<Command>& commands) {
       }
       args->options.ec_k = k;
       args->options.ec_m = m;
+    }
+    // EnsureSnapshotd's "decided" pipe (see SnapshotdOptions::ready_fd).
+    if (const char* fd = std::getenv("STRATA_SNAPSHOTD_READY_FD"); fd != nullptr) {
+      args->options.ready_fd = std::atoi(fd);
+      ::unsetenv("STRATA_SNAPSHOTD_READY_FD");
     }
     auto server = checkpoint::Snapshotd::Create(args->options);
     if (!server.ok()) {
