@@ -93,6 +93,27 @@ Status ReadBulk(int fd, uint8_t* dst, size_t len, int timeout_ms) {
   return Status::OK();
 }
 
+// Writes a decoded chunk of data piece f (bytes [o, o + c) of a fragment of P bytes) into the
+// node buffer `dest` of `own` bytes: only the part that exists (the rest is zero padding).
+Status PutDataChunk(const std::vector<EcSegment>& dest, size_t own, size_t P, int f, size_t o,
+                    const uint8_t* src, size_t c) {
+  const size_t begin = static_cast<size_t>(f) * P + o;
+  const size_t have = begin >= own ? 0 : std::min(c, own - begin);
+  // The segments are writable memory (rank slots this snapshotd owns).
+  return ForRange(dest, begin, have, [&](const uint8_t* to, size_t n) {
+    std::memcpy(const_cast<uint8_t*>(to), src, n);
+    src += n;
+    return Status::OK();
+  });
+}
+
+// Fragment ids [from, to): 0..k-1 data pieces, k..k+m-1 parity slots (EcFetch.fragments).
+std::vector<int> FragmentIds(int from, int to) {
+  std::vector<int> ids;
+  for (int f = from; f < to; ++f) ids.push_back(f);
+  return ids;
+}
+
 proto::EcPeerReply ErrorReply(const Status& st) {
   proto::EcPeerReply r;
   r.set_code(static_cast<int>(st.code()));
@@ -875,9 +896,7 @@ void EcPeer::ServeConnection(int fd) {
           const int nf = options_.k + options_.m;
           striped_fragments.assign(req.fetch().fragments().begin(),
                                    req.fetch().fragments().end());
-          if (striped_fragments.empty()) {
-            for (int f = 0; f < nf; ++f) striped_fragments.push_back(f);
-          }
+          if (striped_fragments.empty()) striped_fragments = FragmentIds(0, nf);
           bool valid = true;
           for (size_t i = 0; i < striped_fragments.size(); ++i) {
             const int f = striped_fragments[i];
@@ -1049,6 +1068,18 @@ std::vector<std::optional<proto::EcStateReply>> EcPeer::QueryStates(int* reachab
   return states;
 }
 
+std::vector<bool> EcPeer::HoldersOf(
+    int64_t version, const std::vector<std::optional<proto::EcStateReply>>& states) const {
+  std::vector<bool> present(n_, false);
+  for (int j = 0; j < n_; ++j) {
+    if (!states[j]) continue;
+    for (const auto& h : states[j]->held()) {
+      if (h.version() == version && h.data_present() && h.parity_complete()) present[j] = true;
+    }
+  }
+  return present;
+}
+
 StatusOr<EcRepaired> EcPeer::RepairLocal(int64_t version) {
   const int64_t t0 = NowNs();
   std::shared_ptr<Version> v;
@@ -1078,31 +1109,18 @@ StatusOr<EcRepaired> EcPeer::RepairLocal(int64_t version) {
   if (SegmentsCrc(v->segments) == want) return out;  // intact: another rank asked first
 
   int reachable = 0;
-  const auto states = QueryStates(&reachable);
-  std::vector<bool> present(n_, false);
+  const std::vector<bool> present = HoldersOf(version, QueryStates(&reachable));
   std::string from;
   for (int j = 0; j < n_; ++j) {
-    if (!states[j]) continue;
-    for (const auto& h : states[j]->held()) {
-      if (h.version() == version && h.data_present() && h.parity_complete()) present[j] = true;
-    }
     if (present[j]) from += fmt::format("{}{}", from.empty() ? "" : ",", GroupNode(j));
   }
-  std::vector<int> data;
-  for (int f = 0; f < options_.k; ++f) data.push_back(f);
   const size_t own = v->manifests[li_]->node_bytes(), P = v->P;
-  auto put = [&](int f, size_t o, const uint8_t* src, size_t c) -> Status {
-    const size_t begin = static_cast<size_t>(f) * P + o;
-    const size_t have = begin >= own ? 0 : std::min(c, own - begin);
-    // Back into the slots the version lives in: the bytes that were right stay the same.
-    return ForRange(v->segments, begin, have, [&](const uint8_t* to, size_t n) {
-      std::memcpy(const_cast<uint8_t*>(to), src, n);
-      src += n;
-      return Status::OK();
-    });
+  // Back into the slots the version lives in: the bytes that were right stay the same.
+  auto put = [&](int f, size_t o, const uint8_t* src, size_t c) {
+    return PutDataChunk(v->segments, own, P, f, o, src, c);
   };
   STRATA_RETURN_IF_ERROR(
-      StreamFragments(version, P, present, data, put, nullptr, &out.sources)
+      StreamFragments(version, P, present, FragmentIds(0, options_.k), put, nullptr, &out.sources)
           .WithContext(fmt::format("repairing version {} of node {}", version, options_.node)));
   if (SegmentsCrc(v->segments) != want) {
     return Status::Corruption(fmt::format(
@@ -1138,13 +1156,7 @@ StatusOr<EcRebuilt> EcPeer::Rebuild(const EcRebuildTarget& target) {
     return Status::NotFound(fmt::format(
         "no group-committed version on the {} reachable nodes of the group", reachable));
   }
-  std::vector<bool> present(n_, false);
-  for (int j = 0; j < n_; ++j) {
-    if (!states[j]) continue;
-    for (const auto& h : states[j]->held()) {
-      if (h.version() == ver && h.data_present() && h.parity_complete()) present[j] = true;
-    }
-  }
+  std::vector<bool> present = HoldersOf(ver, states);
   std::vector<uint32_t> parity_crc(n_, 0);
   for (int j = 0; j < n_; ++j) parity_crc[j] = ref->parity_crc32c(j);
   auto count_missing = [&] {
@@ -1467,27 +1479,17 @@ StatusOr<EcRebuilt> EcPeer::RebuildStreaming(int64_t ver, const proto::EcHeld& r
     }
   }
   EcShm parity_out;
-  std::vector<int> mine;
-  for (int f = 0; f < k; ++f) mine.push_back(f);
+  // Data only, or data and parity (every fragment this node holds).
+  const std::vector<int> mine = FragmentIds(0, defer_parity ? k : k + m);
   if (!defer_parity) {
     STRATA_ASSIGN_OR_RETURN(parity_out,
                             EcShm::Create(EcParityShmName(options_.shm_run, options_.node, ver),
                                           layout.parity_bytes()));
-    for (int p = 0; p < m; ++p) mine.push_back(k + p);
   }
   auto put = [&](int f, size_t o, const uint8_t* src, size_t c) -> Status {
-    if (f >= k) {
-      std::memcpy(parity_out.data() + static_cast<size_t>(f - k) * P + o, src, c);
-      return Status::OK();
-    }
-    const size_t begin = static_cast<size_t>(f) * P + o;
-    const size_t have = begin >= own ? 0 : std::min(c, own - begin);
-    // The target's segments are writable memory (EcRebuildTarget).
-    return ForRange(dest, begin, have, [&](const uint8_t* to, size_t n) {
-      std::memcpy(const_cast<uint8_t*>(to), src, n);
-      src += n;
-      return Status::OK();
-    });
+    if (f < k) return PutDataChunk(dest, own, P, f, o, src, c);
+    std::memcpy(parity_out.data() + static_cast<size_t>(f - k) * P + o, src, c);
+    return Status::OK();
   };
   int sources = 0;
   STRATA_RETURN_IF_ERROR(StreamFragments(ver, P, present, mine, put, nullptr, &sources));
@@ -1547,9 +1549,7 @@ void EcPeer::RebuildParityLater(const std::shared_ptr<Version>& v, std::vector<b
         EcParityShmName(options_.shm_run, options_.node, v->version), static_cast<size_t>(m) * P);
     if (made.ok()) {
       shm = std::move(*made);
-      std::vector<int> mine;
-      for (int p = 0; p < m; ++p) mine.push_back(k + p);
-      st = StreamFragments(v->version, P, present, mine,
+      st = StreamFragments(v->version, P, present, FragmentIds(k, k + m),
                            [&](int f, size_t o, const uint8_t* src, size_t c) {
                              std::memcpy(shm.data() + static_cast<size_t>(f - k) * P + o, src, c);
                              return Status::OK();

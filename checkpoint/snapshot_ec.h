@@ -246,6 +246,9 @@ class EcPeer {
   void MarkGroupCommitted(const std::shared_ptr<Version>& v);  // mu_ held
   // EcStateRequest to every other node of the group: its reply, or nullopt when unreachable.
   std::vector<std::optional<proto::EcStateReply>> QueryStates(int* reachable);
+  // By group index: the nodes whose `states` say they hold `version`'s data and all its parity.
+  std::vector<bool> HoldersOf(int64_t version,
+                              const std::vector<std::optional<proto::EcStateReply>>& states) const;
   void SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest);
   static constexpr size_t kStreamChunk = 1 << 20;  // bytes per fragment per streamed chunk
   // Runs fn on a detached thread that Shutdown waits for. mu_ held.

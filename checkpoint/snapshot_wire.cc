@@ -125,6 +125,10 @@ std::string DefaultSocketPath(const std::string& run) {
   return fmt::format("/tmp/strata-snapshotd-{}.sock", SanitizeRunName(run));
 }
 
+std::string NodeSocketPath(const std::string& run, const std::string& tag) {
+  return DefaultSocketPath(tag.empty() ? run : run + "." + tag);
+}
+
 std::string SlotShmName(const std::string& run, int rank, int slot) {
   return fmt::format("/strata-snap-{}-r{}-s{}", SanitizeRunName(run), rank, slot);
 }

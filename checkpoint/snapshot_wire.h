@@ -28,6 +28,9 @@ inline constexpr size_t kSlotAlign = 4096;
 std::string SanitizeRunName(const std::string& run);
 // "/tmp/strata-snapshotd-<sanitized run>.sock"
 std::string DefaultSocketPath(const std::string& run);
+// The socket of node `tag`'s snapshotd when several nodes of a job share one machine (network
+// namespaces): DefaultSocketPath(run + "." + tag), or DefaultSocketPath(run) for an empty tag.
+std::string NodeSocketPath(const std::string& run, const std::string& tag);
 // "/strata-snap-<sanitized run>-r<rank>-s<slot>"
 std::string SlotShmName(const std::string& run, int rank, int slot);
 // Data bytes rounded up to kSlotAlign plus the manifest room.

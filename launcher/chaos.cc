@@ -40,9 +40,7 @@ StatusOr<std::unique_ptr<checkpoint::SnapshotClient>> ConnectTo(const ChaosArgs&
   so.run = a.run;
   so.socket_path = a.socket;
   // strata train's node tag on nodes that share a machine (network namespaces).
-  if (so.socket_path.empty() && !a.shm_tag.empty()) {
-    so.socket_path = checkpoint::DefaultSocketPath(a.run + "." + a.shm_tag);
-  }
+  if (so.socket_path.empty()) so.socket_path = checkpoint::NodeSocketPath(a.run, a.shm_tag);
   return checkpoint::SnapshotClient::Connect(checkpoint::SnapshotdSocketPath(so));
 }
 

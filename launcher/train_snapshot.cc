@@ -105,7 +105,7 @@ checkpoint::SnapshotdOptions TrainSnapshotter::DaemonOptions() const {
   so.idle_timeout_s = opts_.idle_timeout_s;
   if (!opts_.node_tag.empty()) {
     so.shm_tag = opts_.node_tag;
-    so.socket_path = checkpoint::DefaultSocketPath(opts_.run + "." + opts_.node_tag);
+    so.socket_path = checkpoint::NodeSocketPath(opts_.run, opts_.node_tag);
   }
   if (opts_.peers.size() > 1) {
     so.peers = opts_.peers;

@@ -85,6 +85,21 @@ bool ShmExists(const std::string& name) {
   return fd >= 0;
 }
 
+// Flips byte `at` of the shared-memory object `name` (bits corrupted at rest).
+void FlipShmByte(const std::string& name, size_t at) {
+  const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
+  ASSERT_GE(fd, 0) << name;
+  struct stat sb {};
+  ::fstat(fd, &sb);
+  ASSERT_LT(at, static_cast<size_t>(sb.st_size)) << name;
+  auto* p = static_cast<uint8_t*>(::mmap(nullptr, static_cast<size_t>(sb.st_size),
+                                         PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ::close(fd);
+  ASSERT_NE(p, MAP_FAILED) << name;
+  p[at] ^= 0x5A;
+  ::munmap(p, static_cast<size_t>(sb.st_size));
+}
+
 class Cluster {
  public:
   Cluster(int nodes, int k, int m, size_t (*bytes)(int) = RankBytes)
@@ -368,13 +383,7 @@ TEST(SnapshotEc, CorruptedParityIsDetectedByChecksumAndRepaired) {
   const auto ref = c.ReferenceParity(1);
   {
     const std::string name = EcParityShmName(c.ShmRun(1), 1, 1);
-    const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
-    ASSERT_GE(fd, 0);
-    auto* p = static_cast<uint8_t*>(
-        ::mmap(nullptr, ref[1].size(), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-    p[ref[1].size() / 2] ^= 0x5A;
-    ::munmap(p, ref[1].size());
-    ::close(fd);
+    FlipShmByte(name, ref[1].size() / 2);
     ASSERT_NE(ReadShm(name), ref[1]);
   }
   c.Kill(3);
@@ -391,20 +400,10 @@ TEST(SnapshotEc, CorruptedParityIsDetectedByChecksumAndRepaired) {
   EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(3), 3, 1)), ref[3]);
 }
 
-// Flips one byte of `rank`'s section `a` in the slot the latest version of node i names.
+// Flips byte `at` of `rank`'s first section in the slot `info` names for it.
 void FlipSlotByte(const LatestInfo& info, int rank, size_t at) {
   for (const auto& r : info.manifest.ranks()) {
-    if (r.rank() != rank) continue;
-    const int fd = ::shm_open(r.shm_name().c_str(), O_RDWR, 0);
-    ASSERT_GE(fd, 0) << r.shm_name();
-    struct stat sb {};
-    ::fstat(fd, &sb);
-    auto* p = static_cast<uint8_t*>(::mmap(nullptr, static_cast<size_t>(sb.st_size),
-                                           PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
-    p[r.sections(0).offset() + at] ^= 0x5A;
-    ::munmap(p, static_cast<size_t>(sb.st_size));
-    ::close(fd);
-    return;
+    if (r.rank() == rank) return FlipShmByte(r.shm_name(), r.sections(0).offset() + at);
   }
   FAIL() << "rank " << rank << " is not in the manifest";
 }
@@ -450,16 +449,7 @@ TEST(SnapshotEc, CorruptedParityWithTooFewSpareNodesIsDataLoss) {
   c.StartAll();
   c.WriteAll(1);
   c.WaitGroupAll(1);
-  {
-    const std::string name = EcParityShmName(c.ShmRun(0), 0, 1);
-    const int fd = ::shm_open(name.c_str(), O_RDWR, 0);
-    ASSERT_GE(fd, 0);
-    auto* p = static_cast<uint8_t*>(::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED,
-                                           fd, 0));
-    p[7] ^= 1;
-    ::munmap(p, 4096);
-    ::close(fd);
-  }
+  FlipShmByte(EcParityShmName(c.ShmRun(0), 0, 1), 7);
   c.Kill(2);
   c.Start(2);
   auto l = c.Latest(2);
