@@ -33,61 +33,10 @@ constexpr const char* kLayerTensors[9] = {
 
 bool IsNorm(const std::string& name) { return name.find("norm") != std::string::npos; }
 
-float* F(AlignedBuffer& b) { return b.as<float>(); }
+float* F(const DeviceBuffer& b) { return b.as<float>(); }
 
-AlignedBuffer Floats(int64_t n) { return AlignedBuffer(static_cast<size_t>(n) * sizeof(float)); }
-AlignedBuffer Halves(int64_t n) { return AlignedBuffer(static_cast<size_t>(n) * sizeof(uint16_t)); }
-
-// Row- and element-wise ops over the pool: each element is computed exactly as on one thread
-// (no sums across the split), so the split changes nothing in the result.
-void ForRows(ThreadPool* pool, int64_t rows, const std::function<void(int64_t, int64_t)>& fn) {
-  if (pool == nullptr || pool->size() == 1 || rows < 64) {
-    fn(0, rows);
-    return;
-  }
-  pool->ParallelFor(static_cast<size_t>(rows), [&](size_t b, size_t e) {
-    fn(static_cast<int64_t>(b), static_cast<int64_t>(e));
-  }, 16);
-}
-
-void AddInPlace(float* y, const float* x, int64_t rows, int64_t dim, ThreadPool* pool) {
-  ForRows(pool, rows, [&](int64_t b, int64_t e) {
-    for (int64_t i = b * dim; i < e * dim; ++i) y[i] += x[i];
-  });
-}
-
-void RmsNormRows(float* out, const float* x, const float* w, int64_t rows, int64_t dim, float eps,
-                 ThreadPool* pool) {
-  ForRows(pool, rows, [&](int64_t b, int64_t e) {
-    kernels::RmsNorm(out + b * dim, x + b * dim, w, e - b, dim, eps);
-  });
-}
-
-void SwiGLURows(float* out, const float* g, const float* u, int64_t rows, int64_t dim,
-                ThreadPool* pool) {
-  ForRows(pool, rows, [&](int64_t b, int64_t e) {
-    kernels::SwiGLU(out + b * dim, g + b * dim, u + b * dim, (e - b) * dim);
-  });
-}
-
-void SwiGLUBackwardRows(float* dg, float* du, const float* dout, const float* g, const float* u,
-                        int64_t rows, int64_t dim, ThreadPool* pool) {
-  ForRows(pool, rows, [&](int64_t b, int64_t e) {
-    kernels::SwiGLUBackward(dg + b * dim, du + b * dim, dout + b * dim, g + b * dim, u + b * dim,
-                            (e - b) * dim);
-  });
-}
-
-void RopeRows(float* x, int64_t n, int64_t heads, int64_t hd, const int32_t* pos, float theta,
-              bool backward, ThreadPool* pool) {
-  ForRows(pool, n, [&](int64_t b, int64_t e) {
-    if (backward) {
-      kernels::RopeBackward(x + b * heads * hd, e - b, heads, hd, pos + b, theta);
-    } else {
-      kernels::Rope(x + b * heads * hd, e - b, heads, hd, pos + b, theta);
-    }
-  });
-}
+size_t FloatBytes(int64_t n) { return static_cast<size_t>(n) * sizeof(float); }
+size_t HalfBytes(int64_t n) { return static_cast<size_t>(n) * sizeof(uint16_t); }
 
 }  // namespace
 
@@ -218,9 +167,22 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
         "bf16 precision stages bf16 working copies of the weights, so it cannot be zero-copy "
         "(use stage auto or copy)");
   }
-  // Never a silent fallback to f32: a CPU where oneDNN cannot multiply bf16 is an error.
-  if (bf16) STRATA_RETURN_IF_ERROR(kernels::cpu::GemmBF16Support());
   std::unique_ptr<TrainExecutor> x(new TrainExecutor());
+  if (options.device == nullptr) {
+    x->own_device_ = MakeCpuDevice(options.pool);
+    x->dev_ = x->own_device_.get();
+  } else {
+    x->dev_ = options.device;
+  }
+  Device* dev = x->dev_;
+  x->host_ = dev->host_memory();
+  if (!x->host_ && options.stage == StageMode::kZeroCopy) {
+    return Status::InvalidArgument(fmt::format(
+        "device {} has its own memory, so staging cannot be zero-copy (use stage auto or copy)",
+        dev->name()));
+  }
+  // Never a silent fallback to f32: a device that cannot multiply bf16 is an error.
+  if (bf16) STRATA_RETURN_IF_ERROR(dev->Bf16Support());
   x->config_ = config;
   x->store_ = store;
   x->opts_ = options;
@@ -248,56 +210,82 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
 
   const int64_t n = options.batch * options.seq;
   const int64_t d = config.hidden_size, qd = config.q_dim(), kvd = config.kv_dim();
-  const int64_t I = config.intermediate_size;
+  const int64_t I = config.intermediate_size, V = config.vocab_size;
   x->n_ = n;
   x->ids_.resize(n);
   x->targets_.resize(n);
   x->positions_.resize(n);
   for (int64_t i = 0; i < n; ++i) x->positions_[i] = static_cast<int32_t>(i % options.seq);
+  auto make = [&](DeviceBuffer& b, size_t bytes) -> Status {
+    STRATA_ASSIGN_OR_RETURN(b, DeviceBuffer::Make(dev, bytes));
+    return Status::OK();
+  };
   const int K = options.anchor_every;
   const int n_anchors = (L + K - 1) / K;
-  for (int a = 0; a < n_anchors; ++a) x->anchors_.push_back(Floats(n * d));
-  for (int j = 1; j < std::min(K, L); ++j) x->segment_.push_back(Floats(n * d));
-  x->ping_ = Floats(n * d);
-  x->pong_ = Floats(n * d);
-  x->h_final_ = Floats(n * d);
-  x->a_ = Floats(n * d);
-  x->q_ = Floats(n * qd);
-  x->k_ = Floats(n * kvd);
-  x->v_ = Floats(n * kvd);
-  x->o_ = Floats(n * qd);
-  x->lse_ = Floats(options.batch * config.num_attention_heads * options.seq);
-  x->h2_ = Floats(n * d);
-  x->bn_ = Floats(n * d);
-  x->g_ = Floats(n * I);
-  x->u_ = Floats(n * I);
-  x->s_ = Floats(n * I);
-  x->dh_ = Floats(n * d);
-  x->ds_ = Floats(n * I);
-  x->dx_ = Floats(n * d);
-  x->do_ = Floats(n * qd);
-  x->dq_ = Floats(n * qd);
-  x->dk_ = Floats(n * kvd);
-  x->dv_ = Floats(n * kvd);
-  x->xf_ = Floats(n * d);
+  x->anchors_.resize(n_anchors);
+  for (auto& a : x->anchors_) STRATA_RETURN_IF_ERROR(make(a, FloatBytes(n * d)));
+  x->segment_.resize(std::max(0, std::min(K, L) - 1));
+  for (auto& s : x->segment_) STRATA_RETURN_IF_ERROR(make(s, FloatBytes(n * d)));
+  for (DeviceBuffer* b : {&x->ping_, &x->pong_, &x->h_final_, &x->a_, &x->h2_, &x->bn_, &x->dh_,
+                          &x->dx_, &x->xf_}) {
+    STRATA_RETURN_IF_ERROR(make(*b, FloatBytes(n * d)));
+  }
+  for (DeviceBuffer* b : {&x->q_, &x->o_, &x->do_, &x->dq_}) {
+    STRATA_RETURN_IF_ERROR(make(*b, FloatBytes(n * qd)));
+  }
+  for (DeviceBuffer* b : {&x->k_, &x->v_, &x->dk_, &x->dv_}) {
+    STRATA_RETURN_IF_ERROR(make(*b, FloatBytes(n * kvd)));
+  }
+  for (DeviceBuffer* b : {&x->g_, &x->u_, &x->s_, &x->ds_}) {
+    STRATA_RETURN_IF_ERROR(make(*b, FloatBytes(n * I)));
+  }
+  STRATA_RETURN_IF_ERROR(
+      make(x->lse_, FloatBytes(options.batch * config.num_attention_heads * options.seq)));
   x->bf16_ = bf16;
   if (bf16) {
-    x->a16_ = Halves(n * d);
-    x->o16_ = Halves(n * qd);
-    x->bn16_ = Halves(n * d);
-    x->s16_ = Halves(n * I);
-    x->xf16_ = Halves(n * d);
-    x->dy16_ = Halves(n * std::max({I, d, qd}));
-    x->head16_ = Halves(config.vocab_size * d);
+    STRATA_RETURN_IF_ERROR(make(x->a16_, HalfBytes(n * d)));
+    STRATA_RETURN_IF_ERROR(make(x->o16_, HalfBytes(n * qd)));
+    STRATA_RETURN_IF_ERROR(make(x->bn16_, HalfBytes(n * d)));
+    STRATA_RETURN_IF_ERROR(make(x->s16_, HalfBytes(n * I)));
+    STRATA_RETURN_IF_ERROR(make(x->xf16_, HalfBytes(n * d)));
+    STRATA_RETURN_IF_ERROR(make(x->dy16_, HalfBytes(n * std::max({I, d, qd}))));
+  }
+  // The head's working copy: bf16 always needs one; a discrete device needs one in f32 too.
+  if (bf16) {
+    STRATA_RETURN_IF_ERROR(make(x->head_, HalfBytes(V * d)));
+  } else if (!x->host_) {
+    STRATA_RETURN_IF_ERROR(make(x->head_, FloatBytes(V * d)));
   }
 
   // bf16 working copies are real copies even though the CPU could read the store in place.
-  x->zero_copy_ = options.stage != StageMode::kCopy && !bf16;
+  x->zero_copy_ = x->host_ && options.stage != StageMode::kCopy && !bf16;
+  size_t slot_bytes = 0;
   if (!x->zero_copy_) {
-    const size_t slot_bytes = SlotLayout(config, options.precision, x->slot_off_);
-    for (auto& s : x->slot_) s = AlignedBuffer(slot_bytes);
-    x->stager_ = std::thread([p = x.get()] { p->StagerLoop(); });
+    slot_bytes = SlotLayout(config, options.precision, x->slot_off_);
+    for (auto& s : x->slot_) STRATA_RETURN_IF_ERROR(make(s, slot_bytes));
   }
+  if (!x->host_) {
+    STRATA_RETURN_IF_ERROR(make(x->d_targets_, n * sizeof(int32_t)));
+    STRATA_RETURN_IF_ERROR(make(x->d_positions_, n * sizeof(int32_t)));
+    dev->CopyIn(x->d_positions_.data(), x->positions_.data(), n * sizeof(int32_t));
+    STRATA_RETURN_IF_ERROR(make(x->fnorm_, FloatBytes(d)));
+    STRATA_RETURN_IF_ERROR(make(x->dfnorm_, FloatBytes(d)));
+    STRATA_RETURN_IF_ERROR(make(x->dhead_, FloatBytes(V * d)));
+    const size_t grad_bytes = SlotLayout(config, Precision::kF32, x->grad_off_);
+    STRATA_RETURN_IF_ERROR(make(x->grad_slot_, grad_bytes));
+    auto host = [&](HostMem& h, size_t bytes) -> Status {
+      h.dev = dev;
+      STRATA_ASSIGN_OR_RETURN(h.p, dev->AllocateHost(bytes));
+      h.size = bytes;
+      return Status::OK();
+    };
+    if (bf16) {
+      STRATA_RETURN_IF_ERROR(host(x->host_stage_, slot_bytes));
+    }
+    STRATA_RETURN_IF_ERROR(
+        host(x->host_ret_, std::max({grad_bytes, FloatBytes(V * d), FloatBytes(n * d)})));
+  }
+  if (!x->zero_copy_) x->stager_ = std::thread([p = x.get()] { p->StagerLoop(); });
   return x;
 }
 
@@ -310,6 +298,8 @@ TrainExecutor::~TrainExecutor() {
     cv_.notify_all();
     stager_.join();
   }
+  // Nothing may still be reading or writing the buffers released after this.
+  if (dev_ != nullptr) (void)dev_->Check();
 }
 
 size_t TrainExecutor::SlotLayout(const LlamaConfig& c, Precision p, size_t offsets[9]) {
@@ -352,15 +342,18 @@ ExecutorMemory TrainExecutor::memory() const {
   for (const auto& b : anchors_) m.anchors += b.size();
   m.anchors += h_final_.size();
   for (const auto& b : segment_) m.workspace += b.size();
-  for (const AlignedBuffer* b : {&ping_, &pong_, &a_, &q_, &k_, &v_, &o_, &lse_, &h2_, &bn_, &g_,
-                                 &u_, &s_, &dh_, &ds_, &dx_, &do_, &dq_, &dk_, &dv_, &xf_, &a16_,
-                                 &o16_, &bn16_, &s16_, &xf16_, &dy16_}) {
+  for (const DeviceBuffer* b : {&ping_, &pong_, &a_, &q_, &k_, &v_, &o_, &lse_, &h2_, &bn_, &g_,
+                                &u_, &s_, &dh_, &ds_, &dx_, &do_, &dq_, &dk_, &dv_, &xf_, &a16_,
+                                &o16_, &bn16_, &s16_, &xf16_, &dy16_, &d_targets_,
+                                &d_positions_, &fnorm_, &dfnorm_, &dhead_, &grad_slot_}) {
     m.workspace += b->size();
   }
-  m.staging = slot_[0].size() + slot_[1].size() + head16_.size();
-  // The loss chunk lives in kernels/train.h's per-thread scratch: f32 logits, bf16 dlogits.
+  m.staging = slot_[0].size() + slot_[1].size() + head_.size();
+  // The loss chunk lives in the device's scratch (kernels/train.h's per-thread scratch on the
+  // CPU): f32 logits, bf16 dlogits.
   m.loss_scratch = static_cast<size_t>(opts_.ce_chunk_tokens) * config_.vocab_size *
                    (sizeof(float) + (bf16_ ? sizeof(uint16_t) : 0));
+  m.host_staging = host_stage_.size + host_ret_.size;
   return m;
 }
 
@@ -379,6 +372,52 @@ TrainExecutor::LayerGrads TrainExecutor::StoreGrads(int layer) {
           base + e[6]->offset, base + e[7]->offset, base + e[8]->offset};
 }
 
+TrainExecutor::LayerGrads TrainExecutor::BackwardGrads(int layer) {
+  if (host_) return StoreGrads(layer);
+  dev_->Zero(grad_slot_.data(), grad_slot_.size());
+  auto* p = grad_slot_.as<uint8_t>();
+  auto at = [&](int t) { return reinterpret_cast<float*>(p + grad_off_[t]); };
+  return {at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8)};
+}
+
+void TrainExecutor::AddBack(float* dst, const void* device_src, size_t n) {
+  auto* h = static_cast<float*>(host_ret_.p);
+  dev_->CopyOut(h, device_src, n * sizeof(float));
+  ThreadPool* pool = opts_.pool;
+  auto add = [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) dst[i] += h[i];
+  };
+  if (pool == nullptr || pool->size() == 1 || n < (1u << 16)) {
+    add(0, n);
+  } else {
+    pool->ParallelFor(n, add, 1u << 14);
+  }
+}
+
+void TrainExecutor::ReturnGrads(int layer) {
+  if (host_) return;
+  const LayerGrads g = StoreGrads(layer);
+  float* dst[9] = {g.attn_norm, g.wq, g.wk, g.wv, g.wo, g.ffn_norm, g.wg, g.wu, g.wd};
+  // One copy of the whole slot, then one add per tensor.
+  auto* h = static_cast<float*>(host_ret_.p);
+  dev_->CopyOut(h, grad_slot_.data(), grad_slot_.size());
+  const auto* base = reinterpret_cast<const uint8_t*>(h);
+  for (int t = 0; t < 9; ++t) {
+    const float* src = reinterpret_cast<const float*>(base + grad_off_[t]);
+    const size_t n = layers_[layer].e[t]->numel;
+    float* out = dst[t];
+    auto add = [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) out[i] += src[i];
+    };
+    ThreadPool* pool = opts_.pool;
+    if (pool == nullptr || pool->size() == 1 || n < (1u << 16)) {
+      add(0, n);
+    } else {
+      pool->ParallelFor(n, add, 1u << 14);
+    }
+  }
+}
+
 // ---- staging -------------------------------------------------------------------------------
 
 void TrainExecutor::StageStart(std::vector<int> schedule) {
@@ -393,6 +432,7 @@ void TrainExecutor::StagerLoop() {
   for (;;) {
     size_t i;
     int layer;
+    std::unique_ptr<DeviceFence> fence;
     {
       std::unique_lock<std::mutex> lock(mu_);
       // Entry i goes to slot i % 2, free once entry i - 2 is released.
@@ -402,20 +442,31 @@ void TrainExecutor::StagerLoop() {
       if (stop_) return;
       i = filled_;
       layer = schedule_[i];
+      fence = std::move(fence_[i % 2]);
     }
+    // The device may still be computing on the slot's previous layer.
+    if (fence) fence->Wait();
     auto* dst = slot_[i % 2].as<uint8_t>();
+    // Host memory is written in place; a discrete device's bf16 copy is converted on the host
+    // first, then uploaded whole.
+    const bool via_host = !host_ && bf16_;
+    uint8_t* out = via_host ? static_cast<uint8_t*>(host_stage_.p) : dst;
     const auto& e = layers_[layer].e;
     for (int t = 0; t < 9; ++t) {
       const float* src = store_->weights() + e[t]->offset;
       const bool norm = t == 0 || t == 5;
+      const size_t bytes = e[t]->numel * sizeof(float);
       if (bf16_ && !norm) {
         // On this thread alone: compute keeps the pool.
-        kernels::ConvertToBF16(reinterpret_cast<uint16_t*>(dst + slot_off_[t]), src,
+        kernels::ConvertToBF16(reinterpret_cast<uint16_t*>(out + slot_off_[t]), src,
                                e[t]->numel, nullptr);
+      } else if (host_ || via_host) {
+        std::memcpy(out + slot_off_[t], src, bytes);
       } else {
-        std::memcpy(dst + slot_off_[t], src, e[t]->numel * sizeof(float));
+        dev_->Upload(dst + slot_off_[t], src, bytes);
       }
     }
+    if (via_host) dev_->Upload(dst, out, slot_[i % 2].size());
     {
       std::lock_guard<std::mutex> lock(mu_);
       filled_ = i + 1;
@@ -445,8 +496,12 @@ TrainExecutor::LayerWeights TrainExecutor::StageAcquire(size_t i) {
 
 void TrainExecutor::StageRelease(size_t i) {
   if (zero_copy_) return;
+  // Compute may have only enqueued its work on the slot: the stager waits for this fence before
+  // refilling it.
+  std::unique_ptr<DeviceFence> fence = dev_->RecordFence();
   {
     std::lock_guard<std::mutex> lock(mu_);
+    fence_[i % 2] = std::move(fence);
     released_ = std::max(released_, i + 1);
   }
   cv_.notify_all();
@@ -465,18 +520,18 @@ void TrainExecutor::StageFinish() {
 
 // ---- the model -----------------------------------------------------------------------------
 
-TrainExecutor::Mat TrainExecutor::Operand(const float* x, AlignedBuffer& buf, int64_t K) {
+TrainExecutor::Mat TrainExecutor::Operand(const float* x, DeviceBuffer& buf, int64_t K) {
   if (!bf16_) return {x, nullptr};
   auto* h = buf.as<uint16_t>();
-  kernels::ConvertToBF16(h, x, static_cast<size_t>(n_ * K), opts_.pool);
+  dev_->ConvertToBF16(h, x, static_cast<size_t>(n_ * K));
   return {nullptr, h};
 }
 
 void TrainExecutor::Linear(float* y, Mat x, Mat W, int64_t N, int64_t K) {
   if (bf16_) {
-    kernels::MatmulForwardBF16(y, x.h, W.h, n_, N, K, opts_.pool);
+    dev_->MatmulForwardBF16(y, x.h, W.h, n_, N, K);
   } else {
-    kernels::MatmulForward(y, x.f, W.f, n_, N, K, opts_.pool);
+    dev_->MatmulForward(y, x.f, W.f, n_, N, K);
   }
 }
 
@@ -484,9 +539,9 @@ void TrainExecutor::LinearBackward(float* dx, float* dW, const float* dy, Mat x,
                                    int64_t K, bool accumulate_dx) {
   if (bf16_) {
     const Mat dyh = Operand(dy, dy16_, N);
-    kernels::MatmulBackwardBF16(dx, dW, dyh.h, x.h, W.h, n_, N, K, opts_.pool, accumulate_dx);
+    dev_->MatmulBackwardBF16(dx, dW, dyh.h, x.h, W.h, n_, N, K, accumulate_dx);
   } else {
-    kernels::MatmulBackward(dx, dW, dy, x.f, W.f, n_, N, K, opts_.pool, accumulate_dx);
+    dev_->MatmulBackward(dx, dW, dy, x.f, W.f, n_, N, K, accumulate_dx);
   }
 }
 
@@ -495,29 +550,28 @@ void TrainExecutor::LayerForward(const LayerWeights& w, const float* h_in, float
   const int64_t n = n_, d = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
   const int64_t I = c.intermediate_size, H = c.num_attention_heads, KV = c.num_key_value_heads;
   const int64_t D = c.head_dim;
-  ThreadPool* pool = opts_.pool;
-  RmsNormRows(F(a_), h_in, w.attn_norm, n, d, c.rms_norm_eps, pool);
+  const int32_t* pos = host_ ? positions_.data() : d_positions_.as<int32_t>();
+  dev_->RmsNorm(F(a_), h_in, w.attn_norm, n, d, c.rms_norm_eps);
   const Mat a = Operand(F(a_), a16_, d);
   Linear(F(q_), a, w.wq, qd, d);
   Linear(F(k_), a, w.wk, kvd, d);
   Linear(F(v_), a, w.wv, kvd, d);
-  RopeRows(F(q_), n, H, D, positions_.data(), c.rope_theta, false, pool);
-  RopeRows(F(k_), n, KV, D, positions_.data(), c.rope_theta, false, pool);
-  kernels::AttentionTrainForward(F(o_), F(lse_), F(q_), F(k_), F(v_), opts_.batch, opts_.seq, H,
-                                 KV, D, pool);
+  dev_->Rope(F(q_), n, H, D, pos, c.rope_theta, false);
+  dev_->Rope(F(k_), n, KV, D, pos, c.rope_theta, false);
+  dev_->AttentionForward(F(o_), F(lse_), F(q_), F(k_), F(v_), opts_.batch, opts_.seq, H, KV, D);
   Linear(F(h2_), Operand(F(o_), o16_, qd), w.wo, d, qd);
-  AddInPlace(F(h2_), h_in, n, d, pool);
-  RmsNormRows(F(bn_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps, pool);
+  dev_->Add(F(h2_), h_in, n, d);
+  dev_->RmsNorm(F(bn_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps);
   const Mat bn = Operand(F(bn_), bn16_, d);
   Linear(F(g_), bn, w.wg, I, d);
   Linear(F(u_), bn, w.wu, I, d);
-  SwiGLURows(F(s_), F(g_), F(u_), n, I, pool);
+  dev_->SwiGLU(F(s_), F(g_), F(u_), n, I);
   // The backward needs the down projection's input (bf16: rounded), not its output: a recompute
   // skips it.
   const Mat s = Operand(F(s_), s16_, I);
   if (h_out == nullptr) return;
   Linear(h_out, s, w.wd, d, I);
-  AddInPlace(h_out, F(h2_), n, d, pool);
+  dev_->Add(h_out, F(h2_), n, d);
 }
 
 void TrainExecutor::LayerBackward(const LayerWeights& w, const LayerGrads& g, const float* h_in) {
@@ -525,30 +579,30 @@ void TrainExecutor::LayerBackward(const LayerWeights& w, const LayerGrads& g, co
   const int64_t n = n_, d = c.hidden_size, qd = c.q_dim(), kvd = c.kv_dim();
   const int64_t I = c.intermediate_size, H = c.num_attention_heads, KV = c.num_key_value_heads;
   const int64_t D = c.head_dim;
-  ThreadPool* pool = opts_.pool;
+  const int32_t* pos = host_ ? positions_.data() : d_positions_.as<int32_t>();
   float* dh = F(dh_);  // d(output) on entry; becomes d(h2), then d(input)
   // The products' inputs as the forward (or its recompute) left them: f32, or their bf16 copies.
-  auto in = [&](AlignedBuffer& f32, AlignedBuffer& h) {
+  auto in = [&](DeviceBuffer& f32, DeviceBuffer& h) {
     return bf16_ ? Mat{nullptr, h.as<uint16_t>()} : Mat{F(f32), nullptr};
   };
   // FFN: out = h2 + down(silu(gate(bn)) * up(bn)), bn = rmsnorm(h2).
   LinearBackward(F(ds_), g.wd, dh, in(s_, s16_), w.wd, d, I);
-  SwiGLUBackwardRows(F(g_), F(u_), F(ds_), F(g_), F(u_), n, I, pool);  // dgate, dup in place
+  dev_->SwiGLUBackward(F(g_), F(u_), F(ds_), F(g_), F(u_), n, I);  // dgate, dup in place
   LinearBackward(F(dx_), g.wg, F(g_), in(bn_, bn16_), w.wg, I, d);
   LinearBackward(F(dx_), g.wu, F(u_), in(bn_, bn16_), w.wu, I, d, /*accumulate_dx=*/true);
-  kernels::RmsNormBackward(dh, g.ffn_norm, F(dx_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps,
-                           /*accumulate_dx=*/true);
+  dev_->RmsNormBackward(dh, g.ffn_norm, F(dx_), F(h2_), w.ffn_norm, n, d, c.rms_norm_eps,
+                        /*accumulate_dx=*/true);
   // Attention: h2 = h + o_proj(attn(rope(q(a)), rope(k(a)), v(a))), a = rmsnorm(h).
   LinearBackward(F(do_), g.wo, dh, in(o_, o16_), w.wo, d, qd);
-  kernels::AttentionTrainBackward(F(dq_), F(dk_), F(dv_), F(do_), F(q_), F(k_), F(v_), F(o_),
-                                  F(lse_), opts_.batch, opts_.seq, H, KV, D, pool);
-  RopeRows(F(dq_), n, H, D, positions_.data(), c.rope_theta, true, pool);
-  RopeRows(F(dk_), n, KV, D, positions_.data(), c.rope_theta, true, pool);
+  dev_->AttentionBackward(F(dq_), F(dk_), F(dv_), F(do_), F(q_), F(k_), F(v_), F(o_), F(lse_),
+                          opts_.batch, opts_.seq, H, KV, D);
+  dev_->Rope(F(dq_), n, H, D, pos, c.rope_theta, true);
+  dev_->Rope(F(dk_), n, KV, D, pos, c.rope_theta, true);
   LinearBackward(F(dx_), g.wq, F(dq_), in(a_, a16_), w.wq, qd, d);
   LinearBackward(F(dx_), g.wk, F(dk_), in(a_, a16_), w.wk, kvd, d, true);
   LinearBackward(F(dx_), g.wv, F(dv_), in(a_, a16_), w.wv, kvd, d, true);
-  kernels::RmsNormBackward(dh, g.attn_norm, F(dx_), h_in, w.attn_norm, n, d, c.rms_norm_eps,
-                           /*accumulate_dx=*/true);
+  dev_->RmsNormBackward(dh, g.attn_norm, F(dx_), h_in, w.attn_norm, n, d, c.rms_norm_eps,
+                        /*accumulate_dx=*/true);
 }
 
 Status TrainExecutor::CheckTokens(const int32_t* tokens) {
@@ -599,8 +653,20 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
   StageStart(schedule);
   size_t step = 0;
 
-  // Forward: embedding, layers (keeping anchors), final norm.
-  kernels::EmbeddingForward(F(anchors_[0]), store_->weight(*embed_), ids_.data(), n, d);
+  // Forward: embedding (gathered on the host), layers (keeping anchors), final norm.
+  const int32_t* targets = targets_.data();
+  const float* fnorm = store_->weight(*final_norm_);
+  if (host_) {
+    kernels::EmbeddingForward(F(anchors_[0]), store_->weight(*embed_), ids_.data(), n, d);
+  } else {
+    auto* rows = static_cast<float*>(host_ret_.p);
+    kernels::EmbeddingForward(rows, store_->weight(*embed_), ids_.data(), n, d);
+    dev_->CopyIn(anchors_[0].data(), rows, FloatBytes(n * d));
+    dev_->CopyIn(d_targets_.data(), targets_.data(), n * sizeof(int32_t));
+    dev_->CopyIn(fnorm_.data(), fnorm, FloatBytes(d));
+    targets = d_targets_.as<int32_t>();
+    fnorm = F(fnorm_);
+  }
   const float* h = F(anchors_[0]);
   for (int l = 0; l < L; ++l) {
     float* out;
@@ -616,29 +682,52 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
     StageRelease(step++);
     h = out;
   }
-  kernels::RmsNorm(F(xf_), F(h_final_), store_->weight(*final_norm_), n, d, c.rms_norm_eps);
+  dev_->RmsNorm(F(xf_), F(h_final_), fnorm, n, d, c.rms_norm_eps);
   float* dxf = F(dx_);
-  float* dhead = backward ? store_->grad(*lm_head_) : nullptr;
+  float* dhead = nullptr;
+  if (backward) {
+    if (host_) {
+      dhead = store_->grad(*lm_head_);
+    } else {
+      dev_->Zero(dhead_.data(), dhead_.size());
+      dhead = F(dhead_);
+    }
+  }
   double loss;
+  const float* head_f32 = store_->weight(*lm_head_);
   if (bf16_) {
-    // The head's bf16 working copy, from this step's master weights.
-    kernels::ConvertToBF16(head16_.as<uint16_t>(), store_->weight(*lm_head_),
-                           static_cast<size_t>(V * d), pool);
+    // The head's bf16 working copy, from this step's master weights (converted on the host for a
+    // discrete device: half the bytes to upload).
+    if (host_) {
+      dev_->ConvertToBF16(head_.as<uint16_t>(), head_f32, static_cast<size_t>(V * d));
+    } else {
+      auto* h16 = static_cast<uint16_t*>(host_ret_.p);
+      kernels::ConvertToBF16(h16, head_f32, static_cast<size_t>(V * d), pool);
+      dev_->CopyIn(head_.data(), h16, HalfBytes(V * d));
+    }
     const Mat xf = Operand(F(xf_), xf16_, d);
-    loss = kernels::CrossEntropyLmHeadBF16(backward ? dxf : nullptr, dhead, xf.h,
-                                           head16_.as<uint16_t>(), targets_.data(), n, d, V,
-                                           opts_.ce_chunk_tokens, grad_scale, pool);
+    loss = dev_->CrossEntropyLmHeadBF16(backward ? dxf : nullptr, dhead, xf.h,
+                                        head_.as<uint16_t>(), targets, n, d, V,
+                                        opts_.ce_chunk_tokens, grad_scale);
   } else {
-    loss = kernels::CrossEntropyLmHead(backward ? dxf : nullptr, dhead, F(xf_),
-                                       store_->weight(*lm_head_), targets_.data(), n, d, V,
-                                       opts_.ce_chunk_tokens, grad_scale, pool);
+    if (!host_) {
+      dev_->CopyIn(head_.data(), head_f32, FloatBytes(V * d));
+      head_f32 = F(head_);
+    }
+    loss = dev_->CrossEntropyLmHead(backward ? dxf : nullptr, dhead, F(xf_), head_f32, targets,
+                                    n, d, V, opts_.ce_chunk_tokens, grad_scale);
   }
   if (!backward) {
     StageFinish();
+    STRATA_RETURN_IF_ERROR(dev_->Check());
     return loss;
   }
-  kernels::RmsNormBackward(F(dh_), store_->grad(*final_norm_), dxf, F(h_final_),
-                           store_->weight(*final_norm_), n, d, c.rms_norm_eps);
+  if (!host_) AddBack(store_->grad(*lm_head_), dhead_.data(), static_cast<size_t>(V * d));
+  float* dfnorm = host_ ? store_->grad(*final_norm_) : F(dfnorm_);
+  if (!host_) dev_->Zero(dfnorm_.data(), dfnorm_.size());
+  dev_->RmsNormBackward(F(dh_), dfnorm, dxf, F(h_final_), fnorm, n, d, c.rms_norm_eps,
+                        /*accumulate_dx=*/false);
+  if (!host_) AddBack(store_->grad(*final_norm_), dfnorm_.data(), static_cast<size_t>(d));
 
   // Backward, segment by segment.
   for (int s = (L - 1) / K * K; s >= 0; s -= K) {
@@ -658,12 +747,20 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
       // except for the last layer when no recompute ran since the forward pass left its internals
       // in the workspace.
       if (!(l == L - 1 && s == L - 1)) LayerForward(w, input(l), nullptr);
-      LayerBackward(w, StoreGrads(l), input(l));
+      LayerBackward(w, BackwardGrads(l), input(l));
       StageRelease(step++);
+      ReturnGrads(l);
     }
   }
-  kernels::EmbeddingBackward(store_->grad(*embed_), F(dh_), ids_.data(), n, d);
+  if (host_) {
+    kernels::EmbeddingBackward(store_->grad(*embed_), F(dh_), ids_.data(), n, d);
+  } else {
+    auto* dh_host = static_cast<float*>(host_ret_.p);
+    dev_->CopyOut(dh_host, dh_.data(), FloatBytes(n * d));
+    kernels::EmbeddingBackward(store_->grad(*embed_), dh_host, ids_.data(), n, d);
+  }
   StageFinish();
+  STRATA_RETURN_IF_ERROR(dev_->Check());
   return loss;
 }
 

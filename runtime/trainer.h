@@ -11,9 +11,20 @@
 //
 // Weights reach compute through two staging slots: while layer i computes, a stager thread fills
 // the other slot with the next layer in the walk order (forward 0..L-1, then per segment the
-// recompute and the reverse walk). Compute here is the CPU, which shares host memory, so for f32
-// staging is zero-copy by default; StageMode::kCopy makes real double-buffered copies, the data
-// path a discrete device (a CUDA backend, not built yet) would use, bit-identical on the CPU.
+// recompute and the reverse walk).
+//
+// Compute runs on a Device (runtime/device.h; ExecutorOptions::device, the CPU by default).
+// - The CPU shares host memory, so for f32 staging is zero-copy by default and gradients
+//   accumulate straight into the store; StageMode::kCopy makes real double-buffered copies.
+// - A discrete device (CUDA, or the CPU made discrete for tests) gets everything through copies:
+//   the stager uploads each layer into a device slot on the device's transfer queue (bf16:
+//   converted on the host first, halving the bytes moved) and waits, before refilling a slot, on
+//   a fence compute recorded when it released it; each layer's weight gradients are computed
+//   into one device gradient slot (zeroed per layer), copied back and added into the store; the
+//   embedding runs on the host (its rows are gathered there and uploaded, its gradient scattered
+//   there from the downloaded d(input)); the final norm and the LM head are uploaded each step
+//   and their gradients come back the same way. On the CPU made discrete every result is bit-
+//   identical to the shared-memory path (tests/device_test.cc).
 //
 // Precision::kBF16 (mixed precision, `strata train --precision bf16`): the master weights, the
 // gradients accumulated into the store and AdamW stay f32. The stager converts each layer's
@@ -46,6 +57,7 @@
 #include "base/status.h"
 #include "base/thread_pool.h"
 #include "memory/param_store.h"
+#include "runtime/device.h"
 #include "runtime/llama_config.h"
 
 namespace strata::runtime {
@@ -84,10 +96,14 @@ struct ExecutorOptions {
   int64_t ce_chunk_tokens = 128;  // rows of logits alive at once in the loss
   StageMode stage = StageMode::kAuto;  // kZeroCopy is refused with kBF16 (working copies differ)
   Precision precision = Precision::kF32;  // kBF16 fails in Create where oneDNN cannot run it
-  ThreadPool* pool = nullptr;  // null: the caller's thread only
+  ThreadPool* pool = nullptr;  // null: the caller's thread only (also for host-side work)
+  // Where compute runs; null: the CPU over `pool`. Not owned; must outlive the executor.
+  Device* device = nullptr;
 };
 
-// Host memory the executor holds besides the parameter store, for `strata train --memory-report`.
+// Memory the executor holds besides the parameter store, for `strata train --memory-report`. On
+// the CPU all of it is host memory; on a discrete device the first four are device memory and
+// `host_staging` is the page-locked host memory its copies go through.
 struct ExecutorMemory {
   size_t anchors = 0;      // layer-boundary activations kept from forward to backward
   size_t workspace = 0;    // one layer's internals, its backward temporaries, the head's
@@ -96,7 +112,8 @@ struct ExecutorMemory {
                            // LM head's bf16 working copy)
   size_t loss_scratch = 0; // one chunk of logits (kernels/train.h CrossEntropyLmHead; bf16:
                            // plus the chunk's bf16 dlogits)
-  size_t total() const { return anchors + workspace + staging + loss_scratch; }
+  size_t host_staging = 0; // discrete devices only
+  size_t total() const { return anchors + workspace + staging + loss_scratch + host_staging; }
 };
 
 class TrainExecutor {
@@ -114,11 +131,12 @@ class TrainExecutor {
   // Forward and loss only (no gradients): the sum of the token losses.
   StatusOr<double> Loss(const int32_t* tokens);
 
-  // What Create will allocate for `config` and `options`, computed without allocating (so a
-  // launcher can refuse a run that does not fit before any work starts).
+  // What Create will allocate for `config` and `options` on the CPU, computed without allocating
+  // (so a launcher can refuse a run that does not fit before any work starts).
   static ExecutorMemory Estimate(const LlamaConfig& config, const ExecutorOptions& options);
   ExecutorMemory memory() const;
   bool zero_copy() const { return zero_copy_; }
+  const Device& device() const { return *dev_; }
   Precision precision() const { return opts_.precision; }
   // Milliseconds compute waited for a staged layer, summed since creation.
   double stage_wait_ms() const { return stage_wait_ns_ / 1e6; }
@@ -156,7 +174,7 @@ class TrainExecutor {
   // the gradient of the layer's output on entry and of its input on return.
   void LayerBackward(const LayerWeights& w, const LayerGrads& g, const float* h_in);
   // x [n, K] as a product operand: itself in f32; in bf16 rounded into `buf` (n * K halves).
-  Mat Operand(const float* x, AlignedBuffer& buf, int64_t K);
+  Mat Operand(const float* x, DeviceBuffer& buf, int64_t K);
   // y[n, N] = x · W^T and its backward (kernels/train.h MatmulForward/MatmulBackward) in the
   // executor's precision; bf16 rounds dy into dy16_ itself.
   void Linear(float* y, Mat x, Mat W, int64_t N, int64_t K);
@@ -174,12 +192,22 @@ class TrainExecutor {
   void StagerLoop();
   LayerWeights StoreWeights(int layer) const;
   LayerGrads StoreGrads(int layer);
+  // Where layer `layer`'s backward writes its weight gradients: the store (host memory) or the
+  // zeroed device gradient slot; ReturnGrads adds the slot into the store (discrete devices).
+  LayerGrads BackwardGrads(int layer);
+  void ReturnGrads(int layer);
+  // Copies device memory back and adds it into the store's gradients at `dst` (discrete only).
+  void AddBack(float* dst, const void* device_src, size_t n);
 
   LlamaConfig config_;
   memory::ParamStore* store_ = nullptr;
   ExecutorOptions opts_;
+  std::unique_ptr<Device> own_device_;  // when options.device is null
+  Device* dev_ = nullptr;
+  bool host_ = true;  // dev_->host_memory()
   int64_t n_ = 0;  // tokens per call
   std::vector<int32_t> ids_, targets_, positions_;
+  DeviceBuffer d_targets_, d_positions_;  // discrete devices' copies
 
   // Parameter offsets per layer (in the store) and the head's.
   struct LayerOffsets {
@@ -191,20 +219,37 @@ class TrainExecutor {
   const memory::ParamEntry* lm_head_ = nullptr;  // the embedding when tied
 
   // Activations and workspace.
-  std::vector<AlignedBuffer> anchors_;  // input of layer a * K, for a < ceil(L / K)
-  std::vector<AlignedBuffer> segment_;  // inputs of layers inside the segment being recomputed
-  AlignedBuffer ping_, pong_, h_final_;
-  AlignedBuffer a_, q_, k_, v_, o_, lse_, h2_, bn_, g_, u_, s_;
-  AlignedBuffer dh_, ds_, dx_, do_, dq_, dk_, dv_, xf_;
+  std::vector<DeviceBuffer> anchors_;  // input of layer a * K, for a < ceil(L / K)
+  std::vector<DeviceBuffer> segment_;  // inputs of layers inside the segment being recomputed
+  DeviceBuffer ping_, pong_, h_final_;
+  DeviceBuffer a_, q_, k_, v_, o_, lse_, h2_, bn_, g_, u_, s_;
+  DeviceBuffer dh_, ds_, dx_, do_, dq_, dk_, dv_, xf_;
   // bf16 only: rounded product inputs (a, o, bn, s, the final hidden state, one gradient at a
-  // time) and the LM head's working copy.
-  AlignedBuffer a16_, o16_, bn16_, s16_, xf16_, dy16_, head16_;
+  // time).
+  DeviceBuffer a16_, o16_, bn16_, s16_, xf16_, dy16_;
+  // The LM head's working copy (bf16; discrete devices also in f32), and on discrete devices the
+  // final norm's, plus the gradients of the head, the final norm and one layer.
+  DeviceBuffer head_, fnorm_, dhead_, dfnorm_, grad_slot_;
+  size_t grad_off_[9] = {};
+  // Discrete devices: page-locked host memory for the stager's bf16 conversions (one slot) and
+  // for everything that comes back or goes up from the compute thread (the largest of a layer's
+  // gradients, the head's, the embedding's rows).
+  struct HostMem {
+    Device* dev = nullptr;
+    void* p = nullptr;
+    size_t size = 0;
+    ~HostMem() {
+      if (p != nullptr) dev->ReleaseHost(p);
+    }
+  };
+  HostMem host_stage_, host_ret_;
 
   // Staging slots (copy mode) and the stager thread.
   bool zero_copy_ = true;
   bool bf16_ = false;
-  AlignedBuffer slot_[2];
+  DeviceBuffer slot_[2];
   size_t slot_off_[9] = {};
+  std::unique_ptr<DeviceFence> fence_[2];  // recorded when the slot's last entry was released
   std::vector<int> schedule_;
   size_t filled_ = 0;    // entries [0, filled_) have been staged
   size_t released_ = 0;  // entries [0, released_) have been released
