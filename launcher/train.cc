@@ -51,6 +51,7 @@ struct TrainArgs {
   std::string transport = "mpi";
   std::string stage = "auto";
   std::string precision = "f32";
+  std::string device = "cpu";
   int threads = 0;
   bool json = false;
   bool memory_report = false;
@@ -230,7 +231,11 @@ int RunTrain(TrainArgs a) {
   }
   std::string bf16_impl;
   bool bf16_native = false;
-  if (a.o.precision == runtime::Precision::kBF16) {
+  if (a.device != "cpu" && a.device != "cuda" && a.device.rfind("cuda:", 0) != 0) {
+    return fail(Status::InvalidArgument(
+        fmt::format("--device must be cpu, cuda or cuda:N, not '{}'", a.device)));
+  }
+  if (a.o.precision == runtime::Precision::kBF16 && a.device == "cpu") {
     // Refused up front, never a silent fallback to f32.
     if (Status s = kernels::cpu::GemmBF16Support(&bf16_impl, &bf16_native); !s.ok()) {
       return fail(Status::FailedPrecondition("--precision bf16: " + s.message() +
@@ -327,6 +332,23 @@ int RunTrain(TrainArgs a) {
     std::fprintf(stderr, "strata train: rank %d: %s\n", rank, cpu_note.c_str());
   }
   ThreadPool pool(threads);
+  // The compute device: the CPU, or a GPU ("cuda": the node's GPU number local_rank, so each
+  // rank of a node takes its own).
+  std::unique_ptr<runtime::Device> device;
+  {
+    const std::string spec =
+        a.device == "cuda" ? fmt::format("cuda:{}", topo.local_rank) : a.device;
+    StatusOr<std::unique_ptr<runtime::Device>> d = runtime::MakeDevice(spec, &pool);
+    if (!d.ok()) return abort_all(d.status().WithContext("--device " + a.device));
+    device = std::move(*d);
+    if (a.o.precision == runtime::Precision::kBF16) {
+      if (Status s = device->Bf16Support(); !s.ok()) {
+        return abort_all(Status::FailedPrecondition("--precision bf16: " + s.message() +
+                                                    "; use --precision f32"));
+      }
+    }
+    a.o.device = device.get();
+  }
   StatusOr<std::unique_ptr<parallel::DpTrainer>> trainer =
       parallel::DpTrainer::Create(config, &ps, &comm, a.o, &pool);
   if (!trainer.ok()) return fail(trainer.status());
@@ -341,7 +363,13 @@ int RunTrain(TrainArgs a) {
                  static_cast<long long>(config.vocab_size), size, threads,
                  static_cast<long long>(a.o.batch), static_cast<long long>(a.o.seq),
                  corpus->size(), runtime::UnigramEntropy(corpus->tokens()));
-    if (a.o.precision == runtime::Precision::kBF16) {
+    if (!device->host_memory()) {
+      std::fprintf(stderr,
+                   "strata train: computing on %s; host RAM keeps the master weights, "
+                   "gradients and AdamW, layers are uploaded double-buffered\n",
+                   device->name().c_str());
+    }
+    if (a.o.precision == runtime::Precision::kBF16 && device->host_memory()) {
       std::fprintf(stderr,
                    "strata train: precision bf16: bf16 working copies and matrix products with "
                    "f32 accumulation (oneDNN %s%s); f32 master weights, gradients and AdamW\n",
@@ -352,22 +380,29 @@ int RunTrain(TrainArgs a) {
   }
   if (a.memory_report && rank == 0) {
     const runtime::ExecutorMemory m = tr.executor().memory();
+    // On a discrete device the executor's buffers are device memory, not host RAM.
+    const bool host = device->host_memory();
+    const std::string where = host ? "" : " (on " + device->name() + ")";
     std::fprintf(stderr,
-                 "memory report (rank 0, host RAM):\n"
+                 "memory report (rank 0, host RAM unless marked):\n"
                  "  parameters (f32 master)   %12s\n"
                  "  gradients                 %12s\n"
                  "  AdamW moments (own slice) %12s\n"
-                 "  activations (anchors)     %12s\n"
-                 "  layer workspace           %12s\n"
-                 "  staging slots             %12s\n"
-                 "  loss chunk                %12s\n"
+                 "  activations (anchors)     %12s%s\n"
+                 "  layer workspace           %12s%s\n"
+                 "  staging slots             %12s%s\n"
+                 "  loss chunk                %12s%s\n"
+                 "  page-locked staging       %12s\n"
                  "  step buffers (DP)         %12s\n"
                  "  total                     %12s\n",
                  Bytes(ps.weights_bytes()).c_str(), Bytes(ps.weights_bytes()).c_str(),
-                 Bytes(ps.moments_bytes()).c_str(), Bytes(m.anchors).c_str(),
-                 Bytes(m.workspace).c_str(), Bytes(m.staging).c_str(),
-                 Bytes(m.loss_scratch).c_str(), Bytes(tr.buffer_bytes()).c_str(),
-                 Bytes(ps.arena_bytes() + m.total() + tr.buffer_bytes()).c_str());
+                 Bytes(ps.moments_bytes()).c_str(), Bytes(m.anchors).c_str(), where.c_str(),
+                 Bytes(m.workspace).c_str(), where.c_str(), Bytes(m.staging).c_str(),
+                 where.c_str(), Bytes(m.loss_scratch).c_str(), where.c_str(),
+                 Bytes(m.host_staging).c_str(), Bytes(tr.buffer_bytes()).c_str(),
+                 Bytes(ps.arena_bytes() + (host ? m.total() : m.host_staging) +
+                       tr.buffer_bytes())
+                     .c_str());
   }
   // Snapshots: this node's snapshotd holds them; --resume auto continues from the newest.
   std::unique_ptr<TrainSnapshotter> snap;
@@ -651,6 +686,11 @@ void AddTrainCommand(CLI::App& root, std::vector<Command>& commands) {
   app->add_option("--stage", a->stage,
                   "weight staging: auto, zero-copy, or copy (double-buffered copies, the "
                   "discrete-device data path)")
+      ->capture_default_str();
+  app->add_option("--device", a->device,
+                  "where the layers compute: cpu, or cuda (each rank of a node on the GPU "
+                  "numbered by its local rank) / cuda:N; host RAM stays the parameter store "
+                  "either way. cuda needs a build with the CUDA toolkit and a GPU")
       ->capture_default_str();
   app->add_option("--precision", a->precision,
                   "f32, or bf16: layers staged as bf16 working copies and matrix products in "

@@ -77,6 +77,7 @@ StatusOr<std::unique_ptr<DpTrainer>> DpTrainer::Create(const runtime::LlamaConfi
   eo.stage = options.stage;
   eo.precision = options.precision;
   eo.pool = pool;
+  eo.device = options.device;
   STRATA_ASSIGN_OR_RETURN(t->exec_, runtime::TrainExecutor::Create(config, store, eo));
   t->tokens_.resize(static_cast<size_t>(t->micro_ * (options.seq + 1)));
   // One rank reduces nothing and gathers nothing: it updates its gradients in place.

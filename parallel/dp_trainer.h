@@ -44,6 +44,7 @@ struct DpTrainOptions {
   int64_t ce_chunk_tokens = 128;
   runtime::StageMode stage = runtime::StageMode::kAuto;
   runtime::Precision precision = runtime::Precision::kF32;  // of the executor's products
+  runtime::Device* device = nullptr;  // where the executor computes; null: the CPU (not owned)
 };
 
 struct StepStats {

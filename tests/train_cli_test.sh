@@ -75,5 +75,23 @@ EOF
 expect_fail "needs" --config "$WORK/huge.json" --tokenizer "$WORK/model/tokenizer.model" \
   --data "$WORK/corpus.txt" --save "$WORK/never"
 expect_fail "exactly one of" --data "$WORK/corpus.txt"
+expect_fail "device must be cpu, cuda or cuda:N" "${ARGS[@]}" --device gpu --save "$WORK/never"
+# --device cuda without a GPU (or without a CUDA build) says so and trains nothing; with a GPU it
+# must train, with losses close to the CPU's (PyTorch-free check: the first loss is the same model
+# on the same batch).
+if "$STRATA" train "${ARGS[@]}" --device cuda > "$WORK/cuda.jsonl" 2> "$WORK/cuda.err"; then
+  $PY - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+cpu = [json.loads(l)["loss"] for l in open(f"{w}/a.jsonl") if l.strip()]
+gpu = [json.loads(l)["loss"] for l in open(f"{w}/cuda.jsonl") if l.strip()]
+assert len(gpu) == len(cpu), (cpu, gpu)
+for c, g in zip(cpu, gpu):
+    assert abs(c - g) <= 1e-3 * abs(c), (cpu, gpu)
+PY
+else
+  grep -Eq "no usable CUDA device|built without CUDA|CUDA device [0-9]+ asked for" "$WORK/cuda.err" \
+    || { echo "unclear --device cuda failure:"; cat "$WORK/cuda.err"; exit 1; }
+fi
 test ! -e "$WORK/never"
 echo "train_cli_test: passed"
