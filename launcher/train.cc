@@ -54,6 +54,7 @@ struct TrainArgs {
   std::string device = "cpu";
   int threads = 0;
   bool json = false;
+  bool no_optimizer_overlap = false;
   bool memory_report = false;
   uint64_t init_seed = 0;
   std::string run;
@@ -229,6 +230,7 @@ int RunTrain(TrainArgs a) {
   } else {
     return fail(Status::InvalidArgument("--precision: " + p.status().message()));
   }
+  a.o.overlap_optimizer = !a.no_optimizer_overlap;
   std::string bf16_impl;
   bool bf16_native = false;
   if (a.device != "cpu" && a.device != "cuda" && a.device.rfind("cuda:", 0) != 0) {
@@ -363,6 +365,13 @@ int RunTrain(TrainArgs a) {
                  static_cast<long long>(config.vocab_size), size, threads,
                  static_cast<long long>(a.o.batch), static_cast<long long>(a.o.seq),
                  corpus->size(), runtime::UnigramEntropy(corpus->tokens()));
+    std::fprintf(stderr, "strata train: AdamW %s\n",
+                 tr.overlapped()
+                     ? "runs on each layer as soon as its gradients are final, overlapped with "
+                       "the rest of the backward"
+                     : (a.o.clip > 0 ? "runs after the backward (--clip needs the global "
+                                       "gradient norm; --clip 0 overlaps it with the backward)"
+                                     : "runs after the backward (--no-optimizer-overlap)"));
     if (!device->host_memory()) {
       std::fprintf(stderr,
                    "strata train: computing on %s; host RAM keeps the master weights, "
@@ -671,8 +680,14 @@ void AddTrainCommand(CLI::App& root, std::vector<Command>& commands) {
       ->capture_default_str();
   app->add_option("--beta1", a->o.beta1, "AdamW beta1")->capture_default_str();
   app->add_option("--beta2", a->o.beta2, "AdamW beta2")->capture_default_str();
-  app->add_option("--clip", a->o.clip, "clip the global gradient norm to this (0: off)")
+  app->add_option("--clip", a->o.clip,
+                  "clip the global gradient norm to this (0: off; then AdamW runs layer by layer "
+                  "during the backward, see --no-optimizer-overlap)")
       ->capture_default_str();
+  app->add_flag("--no-optimizer-overlap", a->no_optimizer_overlap,
+                "with --clip 0, still run AdamW after the whole backward instead of on each "
+                "layer as soon as its gradients are final (same results, bit for bit; for "
+                "comparisons)");
   app->add_option("--seed", a->o.seed, "data order")->capture_default_str();
   app->add_option("--init-seed", a->init_seed, "weights of a new model (--config)")
       ->capture_default_str();

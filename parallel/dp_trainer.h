@@ -3,6 +3,16 @@
 // parameter store it owns, each rank runs AdamW on that slice only (its moments exist only there),
 // and the updated slices are all-gathered back into every rank's weights.
 //
+// Optimizer overlap (`overlap_optimizer`, on by default where it applies): without gradient
+// clipping, AdamW of each layer's part of this rank's slice starts as soon as that layer's
+// gradients are final (the executor's last micro-batch reports each layer), on a thread of its
+// own, while the backward goes on with the layers below; with 2+ ranks each layer's gradients are
+// first all-reduced on the calling thread (MPI is funneled through it). The embedding, final norm
+// and LM head follow the backward. The update is the same elementwise AdamW on the same reduced
+// gradients, so losses and weights are bitwise those of the non-overlapped step. With clipping
+// (clip > 0) the update needs the global gradient norm, which exists only once the whole backward
+// has run, so the step reduces, clips and updates after it, as torch's clip_grad_norm_ + step do.
+//
 // Reproducibility: the global batch is a pure function of (seed, step) (runtime/train_data.h),
 // split in rank order; collectives reduce in a fixed order (ring reduce-scatter), the loss and the
 // gradient norm are gathered and summed in rank order. Two runs with the same seed, data and rank
@@ -10,9 +20,13 @@
 // floating-point reassociation.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "base/status.h"
@@ -45,6 +59,7 @@ struct DpTrainOptions {
   runtime::StageMode stage = runtime::StageMode::kAuto;
   runtime::Precision precision = runtime::Precision::kF32;  // of the executor's products
   runtime::Device* device = nullptr;  // where the executor computes; null: the CPU (not owned)
+  bool overlap_optimizer = true;  // AdamW per layer during the backward, when clip == 0
 };
 
 struct StepStats {
@@ -94,9 +109,23 @@ class DpTrainer {
   }
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // Whether Step overlaps AdamW with the backward (see the top of the file).
+  bool overlapped() const { return overlap_; }
+  ~DpTrainer();
 
  private:
+  struct Range {
+    size_t begin, end;  // [begin, end) of the arena (Step's queue: of this rank's slice)
+  };
   DpTrainer() = default;
+  StatusOr<StepStats> StepOverlapped(const runtime::TokenCorpus& corpus, int64_t step);
+  kernels::AdamWParams UpdateParams(int64_t step, float grad_scale) const;
+  // AdamW over [begin, end) of this rank's slice, split where weight decay starts or stops.
+  void UpdateSlice(size_t begin, size_t end, const float* g, kernels::AdamWParams p) const;
+  // The gradients of arena range `r` are final on this rank: reduce them (2+ ranks), fence the
+  // snapshot before the step's first update, queue this rank's part for the optimizer thread.
+  void RangeReady(const Range& r);
+  void OptimizerLoop();
   // Gathers one double per rank and sums in rank order.
   StatusOr<double> SumAcrossRanks(double x);
 
@@ -115,6 +144,20 @@ class DpTrainer {
   };
   std::vector<DecayRun> runs_;  // covers the slice in order
   std::function<Status()> before_update_;
+
+  // Optimizer overlap: each layer's arena range, and the rest (embedding, final norm, head).
+  bool overlap_ = false;
+  std::vector<Range> layer_ranges_, other_ranges_;
+  Status overlap_error_;   // the first failure of a step's reductions or fence
+  bool fenced_ = false;    // before_update_ ran this step
+  uint64_t reduce_ns_ = 0; // this step's all-reduce time
+  std::thread opt_thread_;
+  std::mutex opt_mu_;
+  std::condition_variable opt_cv_;
+  std::deque<Range> opt_queue_;
+  size_t opt_busy_ = 0;    // ranges queued or being updated
+  bool opt_stop_ = false;
+  kernels::AdamWParams opt_params_;
 };
 
 }  // namespace strata::parallel

@@ -750,6 +750,7 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
       LayerBackward(w, BackwardGrads(l), input(l));
       StageRelease(step++);
       ReturnGrads(l);
+      if (on_layer_grads_) on_layer_grads_(l);
     }
   }
   if (host_) {

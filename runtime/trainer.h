@@ -46,6 +46,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -140,6 +141,12 @@ class TrainExecutor {
   Precision precision() const { return opts_.precision; }
   // Milliseconds compute waited for a staged layer, summed since creation.
   double stage_wait_ms() const { return stage_wait_ns_ / 1e6; }
+  // Called on the calling thread during ForwardBackward, as soon as layer `layer`'s weight
+  // gradients are complete in the store (its backward ran and, on a discrete device, they were
+  // added back), last layer first. Nothing later in the call reads that layer's weights or
+  // writes its gradients, so the caller may update them right away (DpTrainer overlaps AdamW
+  // with the rest of the backward this way). Empty: no call.
+  void set_on_layer_grads(std::function<void(int layer)> fn) { on_layer_grads_ = std::move(fn); }
 
  private:
   // A matrix operand in the executor's precision: f32 (f) or bf16 (h), the other null.
@@ -258,6 +265,7 @@ class TrainExecutor {
   std::condition_variable cv_;
   std::thread stager_;
   uint64_t stage_wait_ns_ = 0;
+  std::function<void(int)> on_layer_grads_;
 };
 
 }  // namespace strata::runtime

@@ -24,6 +24,16 @@ ARGS=(--model "$WORK/model" --data "$WORK/corpus.txt" --steps 4 --batch 4 --seq 
   --save "$WORK/trained" > "$WORK/b.jsonl" 2> "$WORK/b.err"
 "${MPIRUN[@]}" -np 2 "$STRATA" train "${ARGS[@]}" > "$WORK/c.jsonl" 2> "$WORK/c.err"
 grep -q "memory report" "$WORK/b.err" || { cat "$WORK/b.err"; exit 1; }
+# Without clipping AdamW runs per layer during the backward (on 2 ranks after each layer's
+# all-reduce, with a snapshot fenced before each step's first update): bit for bit the losses of
+# the same run updating after the backward.
+"${MPIRUN[@]}" -np 2 "$STRATA" train "${ARGS[@]}" --clip 0 \
+  > "$WORK/ov.jsonl" 2> "$WORK/ov.err"
+"${MPIRUN[@]}" -np 2 "$STRATA" train "${ARGS[@]}" --clip 0 --no-optimizer-overlap \
+  --snapshot-every 0 > "$WORK/noov.jsonl" 2> "$WORK/noov.err"
+grep -q "overlapped with the rest of the backward" "$WORK/ov.err" || { cat "$WORK/ov.err"; exit 1; }
+grep -q "runs after the backward (--no-optimizer-overlap)" "$WORK/noov.err" || { cat "$WORK/noov.err"; exit 1; }
+grep -q "runs after the backward (--clip needs" "$WORK/a.err" || { cat "$WORK/a.err"; exit 1; }
 
 $PY - "$WORK" <<'PY'
 import json, struct, sys
@@ -35,6 +45,9 @@ def losses(name):
             assert k in r, (name, k, r)
     return rows
 a, b, c = losses("a"), losses("b"), losses("c")
+ov, noov = losses("ov"), losses("noov")
+assert [r["loss"] for r in ov] == [r["loss"] for r in noov], "overlapped AdamW changed the losses"
+assert [r["loss"] for r in ov] != [r["loss"] for r in c], "--clip 0 should differ from clipping"
 assert len(a) == len(b) == len(c) == 4, (len(a), len(b), len(c))
 # Determinism: JSON carries the double's shortest round-trip repr, so equal text = equal bits.
 assert [r["loss"] for r in a] == [r["loss"] for r in b], "two identical runs differ"
