@@ -12,12 +12,8 @@ THREADS="${THREADS:-$((2 / RANKS > 0 ? 2 / RANKS : 1))}"; BATCH="${BATCH:-8}"; S
 STEPS="${STEPS:-5}"; REPEAT="${REPEAT:-2}"
 WORK="$(mktemp -d /tmp/strata-overlap-bench-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
-case "$SIZE" in
-  10m)  CFG='{"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
-  50m)  CFG='{"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 14, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
-  200m) CFG='{"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
-  *) echo "unknown size $SIZE"; exit 2 ;;
-esac
+source "$(dirname "${BASH_SOURCE[0]}")/model_sizes.sh"
+CFG="$(bench_model_config "$SIZE")"
 echo "$CFG" > "$WORK/config.json"
 /usr/bin/python3 -c "
 import numpy as np

@@ -35,14 +35,10 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-case "$SIZE" in
-  50m)  CFG='{"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 14, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
-  100m) CFG='{"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 14, "num_attention_heads": 12, "num_key_value_heads": 4, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
-  # ~1.1 GiB of state per rank with 2 ranks (12 bytes per parameter of its half): the issue's
-  # "1 GiB per node" recovery case.
-  200m) CFG='{"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 4096, "vocab_size": 8192}' ;;
-  *) echo "unknown size $SIZE"; exit 2 ;;
-esac
+# 200m: ~1.1 GiB of state per rank with 2 ranks (12 bytes per parameter of its half), the
+# issue's "1 GiB per node" recovery case.
+source "$SRC/bench/model_sizes.sh"
+CFG="$(bench_model_config "$SIZE")"
 echo "$CFG" > "$WORK/config.json"
 /usr/bin/python3 -c "
 import numpy as np

@@ -18,19 +18,9 @@ WORK="$(mktemp -d /tmp/strata-train-bench-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 : > "$OUT"
 
-config() {  # config NAME -> writes $WORK/NAME.json
-  case "$1" in
-    10m)  echo '{"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096}' ;;
-    50m)  echo '{"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 14, "num_attention_heads": 8, "num_key_value_heads": 4, "max_position_embeddings": 4096}' ;;
-    200m) echo '{"hidden_size": 1024, "intermediate_size": 2752, "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 4096}' ;;
-    *) echo "unknown size $1" >&2; exit 2 ;;
-  esac > "$WORK/$1.json"
-  # strata reads vocab_size from the config when there is no tokenizer.
-  /usr/bin/python3 - "$WORK/$1.json" "$VOCAB" <<'PY'
-import json, sys
-c = json.load(open(sys.argv[1])); c["vocab_size"] = int(sys.argv[2])
-json.dump(c, open(sys.argv[1], "w"))
-PY
+source "$HERE/model_sizes.sh"
+config() {  # config NAME -> writes $WORK/NAME.json (vocab_size 8192: no tokenizer)
+  bench_model_config "$1" > "$WORK/$1.json"
 }
 
 # Random pre-tokenized corpus (int32 ids).

@@ -19,26 +19,14 @@
 #include "memory/param_store.h"
 #include "runtime/device.h"
 #include "runtime/trainer.h"
+#include "tests/small_llama.h"
 
 namespace strata::runtime {
 namespace {
 
 constexpr int64_t kBatch = 2, kSeq = 40;
 
-LlamaConfig SmallConfig(bool tied) {
-  LlamaConfig c;
-  c.hidden_size = 64;
-  c.intermediate_size = 160;
-  c.num_hidden_layers = 4;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 500;
-  c.max_position_embeddings = 128;
-  c.tie_word_embeddings = tied;
-  c.model_type = "llama";
-  return c;
-}
+LlamaConfig SmallConfig(bool tied) { return SmallLlamaConfig(tied, 4); }
 
 std::vector<int32_t> Tokens(uint32_t seed, int64_t batch) {
   std::mt19937 rng(seed);

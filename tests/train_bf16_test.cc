@@ -15,6 +15,7 @@
 #include "kernels/cpu/sgemm.h"
 #include "memory/param_store.h"
 #include "runtime/trainer.h"
+#include "tests/small_llama.h"
 
 namespace strata::runtime {
 namespace {
@@ -26,20 +27,7 @@ namespace {
 
 constexpr int64_t kBatch = 2, kSeq = 40;
 
-LlamaConfig SmallConfig(bool tied) {
-  LlamaConfig c;
-  c.hidden_size = 64;
-  c.intermediate_size = 160;
-  c.num_hidden_layers = 3;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 16;
-  c.vocab_size = 500;
-  c.max_position_embeddings = 128;
-  c.tie_word_embeddings = tied;
-  c.model_type = "llama";
-  return c;
-}
+LlamaConfig SmallConfig(bool tied) { return SmallLlamaConfig(tied, 3); }
 
 std::vector<int32_t> Tokens() {
   std::mt19937 rng(17);
