@@ -25,6 +25,9 @@ constexpr EnvVar kEnvVars[] = {
     {"STRATA_COMM_TIMEOUT_MS", "30000",
      "Milliseconds a collective or point-to-point operation may take; one that cannot complete "
      "in this time returns DEADLINE_EXCEEDED."},
+    {"STRATA_CUDA_PLUGIN", "",
+     "Path of the CUDA device plugin (libstrata_cuda.so) that --device cuda loads; empty = the "
+     "one this build made."},
     {"STRATA_LINK_DELAY_US", "0",
      "EMULATED one-way delay in microseconds that the tcp transport adds to every message; "
      "results measured with it are reported as emulated."},

@@ -1,11 +1,16 @@
 // The CPU as a training device (runtime/device.h): the kernels of kernels/train.h over the pool.
+#include <dlfcn.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <new>
+#include <string>
 
 #include <fmt/format.h>
 
+#include "base/env.h"
 #include "kernels/cpu/sgemm.h"
 #include "kernels/ops.h"
 #include "kernels/train.h"
@@ -181,7 +186,36 @@ std::unique_ptr<Device> MakeCpuDevice(ThreadPool* pool, bool discrete) {
   return std::make_unique<CpuDevice>(pool, discrete);
 }
 
-#if !STRATA_HAVE_CUDA
+#if STRATA_HAVE_CUDA
+StatusOr<std::unique_ptr<Device>> MakeCudaDevice(int ordinal) {
+  // The CUDA device lives in a plugin (runtime/CMakeLists.txt says why): $STRATA_CUDA_PLUGIN,
+  // else the one this build made. Loaded once, never unloaded (devices point into it).
+  using Open = int (*)(int, Device**, int*, char*, size_t);
+  static Open open = nullptr;
+  static std::string load_error;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    const std::string env = EnvString("STRATA_CUDA_PLUGIN");
+    const std::string path = env.empty() ? STRATA_CUDA_PLUGIN : env;
+    void* h = ::dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (h == nullptr) {
+      const char* e = ::dlerror();
+      load_error = fmt::format("the CUDA plugin {} does not load: {}", path, e ? e : "?");
+      return;
+    }
+    open = reinterpret_cast<Open>(::dlsym(h, "strata_cuda_device_open"));
+    if (open == nullptr) load_error = fmt::format("{} is not a strata CUDA plugin", path);
+  });
+  if (open == nullptr) return Status::FailedPrecondition(load_error);
+  Device* d = nullptr;
+  int code = 0;
+  char message[512] = {};
+  if (open(ordinal, &d, &code, message, sizeof(message)) != 0) {
+    return Status(static_cast<StatusCode>(code), message);
+  }
+  return std::unique_ptr<Device>(d);
+}
+#else
 StatusOr<std::unique_ptr<Device>> MakeCudaDevice(int /*ordinal*/) {
   return Status::FailedPrecondition(
       "this strata was built without CUDA (configure with the CUDA toolkit installed, or "

@@ -7,6 +7,7 @@
 //   executor's stager thread), so staging the next layer overlaps this layer's kernels.
 // - Errors of asynchronous work are kept (the first one) and returned by Check().
 #include <algorithm>
+#include <cstdio>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -353,6 +354,19 @@ class CudaDevice final : public Device {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<Device>> MakeCudaDevice(int ordinal) { return CudaDevice::Open(ordinal); }
-
 }  // namespace strata::runtime
+
+// The plugin's one entry point (MakeCudaDevice in runtime/cpu_device.cc loads it): 0 and *out
+// on success; otherwise the Status code and message of the failure.
+extern "C" __attribute__((visibility("default"))) int strata_cuda_device_open(
+    int ordinal, strata::runtime::Device** out, int* code, char* message, size_t message_len) {
+  strata::StatusOr<std::unique_ptr<strata::runtime::Device>> d =
+      strata::runtime::CudaDevice::Open(ordinal);
+  if (d.ok()) {
+    *out = d->release();
+    return 0;
+  }
+  *code = static_cast<int>(d.status().code());
+  std::snprintf(message, message_len, "%s", d.status().message().c_str());
+  return 1;
+}

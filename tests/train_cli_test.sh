@@ -103,7 +103,7 @@ for c, g in zip(cpu, gpu):
     assert abs(c - g) <= 1e-3 * abs(c), (cpu, gpu)
 PY
 else
-  grep -Eq "no usable CUDA device|built without CUDA|CUDA device [0-9]+ asked for" "$WORK/cuda.err" \
+  grep -Eq "no usable CUDA device|built without CUDA|CUDA device [0-9]+ asked for|CUDA plugin" "$WORK/cuda.err" \
     || { echo "unclear --device cuda failure:"; cat "$WORK/cuda.err"; exit 1; }
 fi
 test ! -e "$WORK/never"
