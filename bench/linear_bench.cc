@@ -73,6 +73,9 @@ void Shapes(benchmark::internal::Benchmark* b) {
       }
     }
   }
+  // Short prompts in q8_0, where packing weights for the int8 GEMM competes with one matvec per
+  // token (kernels/cpu/ops.cc kQ8GemmMinRows).
+  for (int64_t m : {2, 3, 4, 6, 8, 16}) b->Args({2, m, 5632, 2048, 2});
 }
 
 // The yardstick for decode: read-only memory bandwidth of the same 2-thread pool over a buffer

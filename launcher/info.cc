@@ -9,6 +9,7 @@
 #include "kernels/reduce.h"
 #include "launcher/commands.h"
 #include "launcher/discovery.h"
+#include "runtime/device.h"
 #include "strata/config.h"
 
 namespace strata::launcher {
@@ -45,6 +46,13 @@ void AddInfoCommand(CLI::App& root, std::vector<Command>& commands) {
         {"env_local_rank", env.local_rank}, {"job", env.job},
         {"version", STRATA_VERSION}, {"cuda", STRATA_HAVE_CUDA != 0},
         {"ucx", STRATA_HAVE_UCX != 0}, {"reduce_isa", kernels::ReduceIsa()}};
+    // Whether `strata train --device cuda` would find a GPU, and if not, why.
+    std::string gpu;
+    {
+      StatusOr<std::unique_ptr<runtime::Device>> d = runtime::MakeCudaDevice(0);
+      gpu = d.ok() ? (*d)->name() : "none (" + d.status().message() + ")";
+    }
+    j["cuda_device"] = gpu;
     if (!args->no_mpi) {
       Status st = comm::mpi::EnsureInitialized(nullptr, nullptr);
       if (!st.ok()) {
@@ -72,16 +80,17 @@ void AddInfoCommand(CLI::App& root, std::vector<Command>& commands) {
     if (args->json) {
       std::printf("%s\n", j.dump().c_str());
     } else if (args->no_mpi) {
-      std::printf("[%s] launcher=%s rank=%d size=%d local_rank=%d job=%s reduce_isa=%s\n",
+      std::printf("[%s] launcher=%s rank=%d size=%d local_rank=%d job=%s reduce_isa=%s "
+                  "cuda_device=%s\n",
                   env.hostname.c_str(), env.source.c_str(), env.rank, env.size, env.local_rank,
-                  env.job.c_str(), kernels::ReduceIsa());
+                  env.job.c_str(), kernels::ReduceIsa(), gpu.c_str());
     } else {
       std::printf("[%s] rank %d of %d, local rank %d of %d, node %d of %d (launcher: %s) "
-                  "reduce_isa=%s cuda=%d\n",
+                  "reduce_isa=%s cuda=%d cuda_device=%s\n",
                   env.hostname.c_str(), j["rank"].get<int>(), j["size"].get<int>(),
                   j["local_rank"].get<int>(), j["local_size"].get<int>(), j["node"].get<int>(),
                   j["num_nodes"].get<int>(), env.source.c_str(), kernels::ReduceIsa(),
-                  STRATA_HAVE_CUDA);
+                  STRATA_HAVE_CUDA, gpu.c_str());
     }
     return 0;
   }});
