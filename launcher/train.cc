@@ -283,51 +283,8 @@ int RunTrain(TrainArgs a) {
         "{} has {} tokens, fewer than one sequence of --seq {} + 1", a.data, corpus->size(),
         a.o.seq)));
   }
-  StatusOr<memory::ParamLayout> layout = runtime::LlamaParamLayout(config, size);
-  if (!layout.ok()) return fail(layout.status());
-  runtime::ExecutorOptions eo;
-  eo.batch = a.o.micro_batch > 0 ? a.o.micro_batch : a.o.batch / std::max(1, size);
-  eo.seq = a.o.seq;
-  eo.anchor_every = a.o.anchor_every;
-  eo.ce_chunk_tokens = a.o.ce_chunk_tokens;
-  eo.stage = a.o.stage;
-  eo.precision = a.o.precision;
-  const runtime::ExecutorMemory em = runtime::TrainExecutor::Estimate(config, eo);
-  const size_t store_bytes = (2 * layout->total() + 2 * layout->slice_size()) * sizeof(float);
-  const double need = static_cast<double>(store_bytes + em.total());
-  const int64_t avail = MemAvailableBytes();
-  // Ranks on one node share its memory.
+  // Ranks on one node share its memory (and its cores).
   const int local_ranks = std::max(1, comm.topology().local_size);
-  if (avail > 0 && need * local_ranks > static_cast<double>(avail)) {
-    return fail(Status::ResourceExhausted(fmt::format(
-        "this run needs {} per rank ({} parameters: {} for weights and gradients, {} for this "
-        "rank's AdamW moments; {} activations and workspaces), {} for the {} ranks on this node, "
-        "but only {} is available. Use fewer ranks per node, a smaller --batch/--micro-batch or "
-        "--seq, or a larger --anchor-every.",
-        Bytes(need), layout->num_params(), Bytes(2.0 * layout->total() * 4),
-        Bytes(2.0 * layout->slice_size() * 4), Bytes(static_cast<double>(em.total())),
-        Bytes(need * local_ranks), local_ranks, Bytes(static_cast<double>(avail)))));
-  }
-
-  // ---- the run ----
-  memory::ParamStoreOptions so;
-  so.rank = rank;
-  StatusOr<std::unique_ptr<memory::ParamStore>> store =
-      memory::ParamStore::Create(std::move(*layout), so);
-  if (!store.ok()) return abort_all(store.status());
-  memory::ParamStore& ps = **store;
-  // The starting weights: the --model folder's, or a fresh init. A run that resumes from a
-  // snapshot overwrites every one of them, so it skips this (seconds of random numbers for a
-  // 200M model, while a rebuilding node waits for the job to ask for its snapshot).
-  auto initial_params = [&]() -> Status {
-    if (model) return runtime::LoadLlamaParams(ps, *model);
-    runtime::InitLlamaParams(ps, a.init_seed);  // same seed on every rank: identical replicas
-    return Status::OK();
-  };
-  const bool may_resume = a.snapshot_every > 0 || a.resume == "auto";
-  if (!may_resume) {
-    if (Status s = initial_params(); !s.ok()) return abort_all(s);
-  }
   std::string cpu_note;
   const int threads = a.threads > 0 ? a.threads : DefaultRankThreads(local_ranks, &cpu_note);
   if (!cpu_note.empty()) {
@@ -350,6 +307,61 @@ int RunTrain(TrainArgs a) {
       }
     }
     a.o.device = device.get();
+  }
+  StatusOr<memory::ParamLayout> layout = runtime::LlamaParamLayout(config, size);
+  if (!layout.ok()) return fail(layout.status());
+  runtime::ExecutorOptions eo;
+  eo.batch = a.o.micro_batch > 0 ? a.o.micro_batch : a.o.batch / std::max(1, size);
+  eo.seq = a.o.seq;
+  eo.anchor_every = a.o.anchor_every;
+  eo.ce_chunk_tokens = a.o.ce_chunk_tokens;
+  eo.stage = a.o.stage;
+  eo.precision = a.o.precision;
+  eo.device = device.get();
+  const runtime::ExecutorMemory em = runtime::TrainExecutor::Estimate(config, eo);
+  const size_t store_bytes = (2 * layout->total() + 2 * layout->slice_size()) * sizeof(float);
+  // A GPU holds the executor's buffers itself: host RAM then needs only the page-locked staging.
+  const size_t device_free = device->FreeMemory();
+  const size_t on_device = device_free > 0 ? em.total() - em.host_staging : 0;
+  if (device_free > 0 && on_device > device_free) {
+    return abort_all(Status::ResourceExhausted(fmt::format(
+        "{} has {} free, but this run's activations, workspaces, staged layers and LM head need "
+        "{} there. Use a smaller --batch/--micro-batch or --seq, a larger --anchor-every, or "
+        "--precision bf16.",
+        device->name(), Bytes(static_cast<double>(device_free)),
+        Bytes(static_cast<double>(on_device)))));
+  }
+  const double need = static_cast<double>(store_bytes + em.total() - on_device);
+  const int64_t avail = MemAvailableBytes();
+  if (avail > 0 && need * local_ranks > static_cast<double>(avail)) {
+    return fail(Status::ResourceExhausted(fmt::format(
+        "this run needs {} per rank ({} parameters: {} for weights and gradients, {} for this "
+        "rank's AdamW moments; {} activations and workspaces), {} for the {} ranks on this node, "
+        "but only {} is available. Use fewer ranks per node, a smaller --batch/--micro-batch or "
+        "--seq, or a larger --anchor-every.",
+        Bytes(need), layout->num_params(), Bytes(2.0 * layout->total() * 4),
+        Bytes(2.0 * layout->slice_size() * 4), Bytes(static_cast<double>(em.total() - on_device)),
+        Bytes(need * local_ranks), local_ranks, Bytes(static_cast<double>(avail)))));
+  }
+
+  // ---- the run ----
+  memory::ParamStoreOptions so;
+  so.rank = rank;
+  StatusOr<std::unique_ptr<memory::ParamStore>> store =
+      memory::ParamStore::Create(std::move(*layout), so);
+  if (!store.ok()) return abort_all(store.status());
+  memory::ParamStore& ps = **store;
+  // The starting weights: the --model folder's, or a fresh init. A run that resumes from a
+  // snapshot overwrites every one of them, so it skips this (seconds of random numbers for a
+  // 200M model, while a rebuilding node waits for the job to ask for its snapshot).
+  auto initial_params = [&]() -> Status {
+    if (model) return runtime::LoadLlamaParams(ps, *model);
+    runtime::InitLlamaParams(ps, a.init_seed);  // same seed on every rank: identical replicas
+    return Status::OK();
+  };
+  const bool may_resume = a.snapshot_every > 0 || a.resume == "auto";
+  if (!may_resume) {
+    if (Status s = initial_params(); !s.ok()) return abort_all(s);
   }
   StatusOr<std::unique_ptr<parallel::DpTrainer>> trainer =
       parallel::DpTrainer::Create(config, &ps, &comm, a.o, &pool);

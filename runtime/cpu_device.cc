@@ -51,6 +51,7 @@ class CpuDevice final : public Device {
 
   StatusOr<void*> Allocate(size_t bytes) override { return AlignedAlloc(bytes); }
   void Release(void* p) override { std::free(p); }
+  size_t FreeMemory() const override { return 0; }  // host RAM, discrete or not
   StatusOr<void*> AllocateHost(size_t bytes) override { return AlignedAlloc(bytes); }
   void ReleaseHost(void* p) override { std::free(p); }
   void Upload(void* dst, const void* src, size_t bytes) override {

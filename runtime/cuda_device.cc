@@ -102,6 +102,12 @@ class CudaDevice final : public Device {
     Use();
     cudaFree(p);
   }
+  size_t FreeMemory() const override {
+    Use();
+    size_t free = 0, total = 0;
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) return 0;
+    return free;
+  }
   StatusOr<void*> AllocateHost(size_t bytes) override {
     Use();
     void* p = nullptr;

@@ -53,6 +53,9 @@ class Device {
   // Device memory (64-byte aligned at least), uninitialized. ResourceExhausted when it runs out.
   virtual StatusOr<void*> Allocate(size_t bytes) = 0;
   virtual void Release(void* p) = 0;
+  // Bytes of device memory free now, for a launcher to refuse a run that cannot fit before any
+  // work; 0 when device memory is host memory (the host RAM check covers it).
+  virtual size_t FreeMemory() const = 0;
   // Host memory the device copies from and to fastest (CUDA: page-locked).
   virtual StatusOr<void*> AllocateHost(size_t bytes) = 0;
   virtual void ReleaseHost(void* p) = 0;

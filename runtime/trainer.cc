@@ -334,6 +334,17 @@ ExecutorMemory TrainExecutor::Estimate(const LlamaConfig& c, const ExecutorOptio
   }
   if (bf16) m.staging += V * d * h;
   m.loss_scratch = static_cast<size_t>(o.ce_chunk_tokens) * V * (f + (bf16 ? h : 0));
+  if (o.device != nullptr && !o.device->host_memory()) {
+    // A discrete device always stages by copy, keeps an f32 head too, and holds the copies of
+    // targets and positions, the final norm and its gradient, the head's gradient and one
+    // layer's gradients; the host keeps page-locked staging (Create has the same sums).
+    size_t offsets[9];
+    const size_t slot = SlotLayout(c, o.precision, offsets);
+    const size_t grad_slot = SlotLayout(c, Precision::kF32, offsets);
+    m.staging = 2 * slot + V * d * (bf16 ? h : f);
+    m.workspace += 2 * n * sizeof(int32_t) + 2 * d * f + V * d * f + grad_slot;
+    m.host_staging = (bf16 ? slot : 0) + std::max({grad_slot, V * d * f, n * d * f});
+  }
   return m;
 }
 

@@ -132,8 +132,8 @@ class TrainExecutor {
   // Forward and loss only (no gradients): the sum of the token losses.
   StatusOr<double> Loss(const int32_t* tokens);
 
-  // What Create will allocate for `config` and `options` on the CPU, computed without allocating
-  // (so a launcher can refuse a run that does not fit before any work starts).
+  // What Create will allocate for `config` and `options` (on options.device), computed without
+  // allocating, so a launcher can refuse a run that does not fit before any work starts.
   static ExecutorMemory Estimate(const LlamaConfig& config, const ExecutorOptions& options);
   ExecutorMemory memory() const;
   bool zero_copy() const { return zero_copy_; }

@@ -177,6 +177,43 @@ TEST(DeviceTest, DiscreteDeviceRefusesZeroCopy) {
   EXPECT_NE(x.status().message().find("zero-copy"), std::string::npos) << x.status().ToString();
 }
 
+TEST(DeviceTest, EstimateIsWhatADiscreteDeviceAllocates) {
+  ThreadPool pool(2);
+  std::unique_ptr<Device> discrete = MakeCpuDevice(&pool, true);
+  EXPECT_EQ(discrete->FreeMemory(), 0u);  // host RAM: the host check covers it
+  const bool bf16_ok = kernels::cpu::GemmBF16Support().ok();
+  for (bool tied : {false, true}) {
+    for (Precision p : {Precision::kF32, Precision::kBF16}) {
+      if (p == Precision::kBF16 && !bf16_ok) continue;
+      for (Device* d : {static_cast<Device*>(nullptr), discrete.get()}) {
+        SCOPED_TRACE(testing::Message() << "tied " << tied << " " << PrecisionName(p) << " "
+                                        << (d ? d->name() : "cpu"));
+        const LlamaConfig c = SmallConfig(tied);
+        auto layout = LlamaParamLayout(c, 1);
+        ASSERT_TRUE(layout.ok());
+        auto store = memory::ParamStore::Create(std::move(*layout));
+        ASSERT_TRUE(store.ok());
+        ExecutorOptions o;
+        o.batch = kBatch;
+        o.seq = kSeq;
+        o.anchor_every = 2;
+        o.precision = p;
+        o.pool = &pool;
+        o.device = d;
+        auto x = TrainExecutor::Create(c, store->get(), o);
+        ASSERT_TRUE(x.ok()) << x.status().ToString();
+        const ExecutorMemory got = (*x)->memory(), est = TrainExecutor::Estimate(c, o);
+        EXPECT_EQ(got.anchors, est.anchors);
+        EXPECT_EQ(got.workspace, est.workspace);
+        EXPECT_EQ(got.staging, est.staging);
+        EXPECT_EQ(got.loss_scratch, est.loss_scratch);
+        EXPECT_EQ(got.host_staging, est.host_staging);
+        EXPECT_EQ(got.host_staging > 0, d != nullptr);
+      }
+    }
+  }
+}
+
 // ---- CUDA -------------------------------------------------------------------------------------
 
 std::unique_ptr<Device> CudaOrNull(std::string* why) {
