@@ -63,6 +63,9 @@ class CpuDevice final : public Device {
   void CopyOut(void* dst, const void* src, size_t bytes) override {
     if (dst != src) std::memcpy(dst, src, bytes);
   }
+  void Download(void* dst, const void* src, size_t bytes) override {
+    if (dst != src) std::memcpy(dst, src, bytes);
+  }
   void Zero(void* p, size_t bytes) override { std::memset(p, 0, bytes); }
   std::unique_ptr<DeviceFence> RecordFence() override { return nullptr; }
   Status Check() override { return Status::OK(); }

@@ -3,8 +3,9 @@
 //   f32; bf16 operands with f32 accumulation). Row-major products map onto column-major cuBLAS
 //   as C^T = op(B)^T op(A)^T.
 // - Everything else: kernels/cuda/train_kernels.h.
-// - Two non-blocking streams: compute (every op, in call order) and transfer (Upload, from the
-//   executor's stager thread), so staging the next layer overlaps this layer's kernels.
+// - Three non-blocking streams: compute (every op, in call order), transfer (Upload, from the
+//   executor's stager thread) and download (Download, from its gradient drainer), so staging the
+//   next layer and bringing the last one's gradients back overlap this layer's kernels.
 // - Errors of asynchronous work are kept (the first one) and returned by Check().
 #include <algorithm>
 #include <cstdio>
@@ -55,7 +56,8 @@ class CudaDevice final : public Device {
     if ((e = cudaSetDevice(ordinal)) != cudaSuccess ||
         (e = cudaGetDeviceProperties(&prop, ordinal)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&d->compute_, cudaStreamNonBlocking)) != cudaSuccess ||
-        (e = cudaStreamCreateWithFlags(&d->transfer_, cudaStreamNonBlocking)) != cudaSuccess) {
+        (e = cudaStreamCreateWithFlags(&d->transfer_, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&d->download_, cudaStreamNonBlocking)) != cudaSuccess) {
       return Status::Unavailable(
           fmt::format("opening CUDA device {}: {}", ordinal, cudaGetErrorString(e)));
     }
@@ -77,6 +79,7 @@ class CudaDevice final : public Device {
     }
     if (blas_ != nullptr) cublasDestroy(blas_);
     if (transfer_ != nullptr) cudaStreamDestroy(transfer_);
+    if (download_ != nullptr) cudaStreamDestroy(download_);
     if (compute_ != nullptr) cudaStreamDestroy(compute_);
   }
 
@@ -124,6 +127,11 @@ class CudaDevice final : public Device {
     Use();
     Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, transfer_), "upload");
     Note(cudaStreamSynchronize(transfer_), "upload");
+  }
+  void Download(void* dst, const void* src, size_t bytes) override {
+    Use();
+    Note(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, download_), "download");
+    Note(cudaStreamSynchronize(download_), "download");
   }
   void CopyIn(void* dst, const void* src, size_t bytes) override {
     Use();
@@ -352,6 +360,7 @@ class CudaDevice final : public Device {
   std::string name_;
   cudaStream_t compute_ = nullptr;
   cudaStream_t transfer_ = nullptr;
+  cudaStream_t download_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   Scratch rstd_, delta_, logits_, dlogits16_, row_loss_;
   std::mutex mu_;

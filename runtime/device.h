@@ -66,6 +66,10 @@ class Device {
   virtual void Upload(void* dst, const void* src, size_t bytes) = 0;
   // Host -> device on the compute queue, ordered with the ops; src may be reused on return.
   virtual void CopyIn(void* dst, const void* src, size_t bytes) = 0;
+  // Device -> host on a queue of its own, beside compute and transfer; returns once dst holds
+  // the bytes. src must be complete: wait on a fence recorded after its last write first. Meant
+  // for a thread that drains results while compute goes on.
+  virtual void Download(void* dst, const void* src, size_t bytes) = 0;
   // Device -> host on the compute queue; returns once dst holds the bytes (so it waits for every
   // op enqueued before it).
   virtual void CopyOut(void* dst, const void* src, size_t bytes) = 0;

@@ -272,7 +272,7 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
     STRATA_RETURN_IF_ERROR(make(x->dfnorm_, FloatBytes(d)));
     STRATA_RETURN_IF_ERROR(make(x->dhead_, FloatBytes(V * d)));
     const size_t grad_bytes = SlotLayout(config, Precision::kF32, x->grad_off_);
-    STRATA_RETURN_IF_ERROR(make(x->grad_slot_, grad_bytes));
+    for (auto& g : x->grad_slot_) STRATA_RETURN_IF_ERROR(make(g, grad_bytes));
     auto host = [&](HostMem& h, size_t bytes) -> Status {
       h.dev = dev;
       STRATA_ASSIGN_OR_RETURN(h.p, dev->AllocateHost(bytes));
@@ -282,8 +282,9 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
     if (bf16) {
       STRATA_RETURN_IF_ERROR(host(x->host_stage_, slot_bytes));
     }
-    STRATA_RETURN_IF_ERROR(
-        host(x->host_ret_, std::max({grad_bytes, FloatBytes(V * d), FloatBytes(n * d)})));
+    STRATA_RETURN_IF_ERROR(host(x->host_ret_, std::max(FloatBytes(V * d), FloatBytes(n * d))));
+    STRATA_RETURN_IF_ERROR(host(x->host_grad_, grad_bytes));
+    x->drainer_ = std::thread([p = x.get()] { p->DrainerLoop(); });
   }
   if (!x->zero_copy_) x->stager_ = std::thread([p = x.get()] { p->StagerLoop(); });
   return x;
@@ -297,6 +298,14 @@ TrainExecutor::~TrainExecutor() {
     }
     cv_.notify_all();
     stager_.join();
+  }
+  if (drainer_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(drain_mu_);
+      drain_stop_ = true;
+    }
+    drain_cv_.notify_all();
+    drainer_.join();
   }
   // Nothing may still be reading or writing the buffers released after this.
   if (dev_ != nullptr) (void)dev_->Check();
@@ -336,14 +345,14 @@ ExecutorMemory TrainExecutor::Estimate(const LlamaConfig& c, const ExecutorOptio
   m.loss_scratch = static_cast<size_t>(o.ce_chunk_tokens) * V * (f + (bf16 ? h : 0));
   if (o.device != nullptr && !o.device->host_memory()) {
     // A discrete device always stages by copy, keeps an f32 head too, and holds the copies of
-    // targets and positions, the final norm and its gradient, the head's gradient and one
-    // layer's gradients; the host keeps page-locked staging (Create has the same sums).
+    // targets and positions, the final norm and its gradient, the head's gradient and two
+    // layers' gradient slots; the host keeps page-locked staging (Create has the same sums).
     size_t offsets[9];
     const size_t slot = SlotLayout(c, o.precision, offsets);
     const size_t grad_slot = SlotLayout(c, Precision::kF32, offsets);
     m.staging = 2 * slot + V * d * (bf16 ? h : f);
-    m.workspace += 2 * n * sizeof(int32_t) + 2 * d * f + V * d * f + grad_slot;
-    m.host_staging = (bf16 ? slot : 0) + std::max({grad_slot, V * d * f, n * d * f});
+    m.workspace += 2 * n * sizeof(int32_t) + 2 * d * f + V * d * f + 2 * grad_slot;
+    m.host_staging = (bf16 ? slot : 0) + std::max(V * d * f, n * d * f) + grad_slot;
   }
   return m;
 }
@@ -356,7 +365,8 @@ ExecutorMemory TrainExecutor::memory() const {
   for (const DeviceBuffer* b : {&ping_, &pong_, &a_, &q_, &k_, &v_, &o_, &lse_, &h2_, &bn_, &g_,
                                 &u_, &s_, &dh_, &ds_, &dx_, &do_, &dq_, &dk_, &dv_, &xf_, &a16_,
                                 &o16_, &bn16_, &s16_, &xf16_, &dy16_, &d_targets_,
-                                &d_positions_, &fnorm_, &dfnorm_, &dhead_, &grad_slot_}) {
+                                &d_positions_, &fnorm_, &dfnorm_, &dhead_, &grad_slot_[0],
+                                &grad_slot_[1]}) {
     m.workspace += b->size();
   }
   m.staging = slot_[0].size() + slot_[1].size() + head_.size();
@@ -364,7 +374,7 @@ ExecutorMemory TrainExecutor::memory() const {
   // CPU): f32 logits, bf16 dlogits.
   m.loss_scratch = static_cast<size_t>(opts_.ce_chunk_tokens) * config_.vocab_size *
                    (sizeof(float) + (bf16_ ? sizeof(uint16_t) : 0));
-  m.host_staging = host_stage_.size + host_ret_.size;
+  m.host_staging = host_stage_.size + host_ret_.size + host_grad_.size;
   return m;
 }
 
@@ -385,8 +395,14 @@ TrainExecutor::LayerGrads TrainExecutor::StoreGrads(int layer) {
 
 TrainExecutor::LayerGrads TrainExecutor::BackwardGrads(int layer) {
   if (host_) return StoreGrads(layer);
-  dev_->Zero(grad_slot_.data(), grad_slot_.size());
-  auto* p = grad_slot_.as<uint8_t>();
+  const int slot = next_grad_slot_;
+  {
+    std::unique_lock<std::mutex> lock(drain_mu_);
+    drain_cv_.wait(lock, [&] { return !slot_busy_[slot]; });
+  }
+  CallDrained();
+  dev_->Zero(grad_slot_[slot].data(), grad_slot_[slot].size());
+  auto* p = grad_slot_[slot].as<uint8_t>();
   auto at = [&](int t) { return reinterpret_cast<float*>(p + grad_off_[t]); };
   return {at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7), at(8)};
 }
@@ -406,26 +422,73 @@ void TrainExecutor::AddBack(float* dst, const void* device_src, size_t n) {
 }
 
 void TrainExecutor::ReturnGrads(int layer) {
+  if (host_) {
+    if (on_layer_grads_) on_layer_grads_(layer);
+    return;
+  }
+  // The layer's kernels may still be running: the drainer waits for this fence.
+  std::unique_ptr<DeviceFence> fence = dev_->RecordFence();
+  {
+    std::lock_guard<std::mutex> lock(drain_mu_);
+    slot_busy_[next_grad_slot_] = true;
+    drain_queue_.push_back({layer, next_grad_slot_, std::move(fence)});
+  }
+  drain_cv_.notify_all();
+  next_grad_slot_ ^= 1;
+}
+
+void TrainExecutor::WaitDrains() {
   if (host_) return;
-  const LayerGrads g = StoreGrads(layer);
-  float* dst[9] = {g.attn_norm, g.wq, g.wk, g.wv, g.wo, g.ffn_norm, g.wg, g.wu, g.wd};
-  // One copy of the whole slot, then one add per tensor.
-  auto* h = static_cast<float*>(host_ret_.p);
-  dev_->CopyOut(h, grad_slot_.data(), grad_slot_.size());
-  const auto* base = reinterpret_cast<const uint8_t*>(h);
-  for (int t = 0; t < 9; ++t) {
-    const float* src = reinterpret_cast<const float*>(base + grad_off_[t]);
-    const size_t n = layers_[layer].e[t]->numel;
-    float* out = dst[t];
-    auto add = [&](size_t b, size_t e) {
-      for (size_t i = b; i < e; ++i) out[i] += src[i];
-    };
-    ThreadPool* pool = opts_.pool;
-    if (pool == nullptr || pool->size() == 1 || n < (1u << 16)) {
-      add(0, n);
-    } else {
-      pool->ParallelFor(n, add, 1u << 14);
+  {
+    std::unique_lock<std::mutex> lock(drain_mu_);
+    drain_cv_.wait(lock, [&] { return !slot_busy_[0] && !slot_busy_[1]; });
+  }
+  CallDrained();
+}
+
+void TrainExecutor::CallDrained() {
+  for (;;) {
+    int layer;
+    {
+      std::lock_guard<std::mutex> lock(drain_mu_);
+      if (drained_.empty()) return;
+      layer = drained_.front();
+      drained_.pop_front();
     }
+    if (on_layer_grads_) on_layer_grads_(layer);
+  }
+}
+
+void TrainExecutor::DrainerLoop() {
+  for (;;) {
+    DrainJob job;
+    {
+      std::unique_lock<std::mutex> lock(drain_mu_);
+      drain_cv_.wait(lock, [&] { return drain_stop_ || !drain_queue_.empty(); });
+      if (drain_queue_.empty()) return;  // stopping, nothing left
+      job = std::move(drain_queue_.front());
+      drain_queue_.pop_front();
+    }
+    if (job.fence) job.fence->Wait();
+    const DeviceBuffer& src = grad_slot_[job.slot];
+    dev_->Download(host_grad_.p, src.data(), src.size());
+    // Each tensor added into the store on this thread alone (the pool is compute's); the
+    // layers' ranges are disjoint, so this never races with the compute thread.
+    const LayerGrads g = StoreGrads(job.layer);
+    float* dst[9] = {g.attn_norm, g.wq, g.wk, g.wv, g.wo, g.ffn_norm, g.wg, g.wu, g.wd};
+    const auto* base = static_cast<const uint8_t*>(host_grad_.p);
+    for (int t = 0; t < 9; ++t) {
+      const float* h = reinterpret_cast<const float*>(base + grad_off_[t]);
+      float* out = dst[t];
+      const size_t n = layers_[job.layer].e[t]->numel;
+      for (size_t i = 0; i < n; ++i) out[i] += h[i];
+    }
+    {
+      std::lock_guard<std::mutex> lock(drain_mu_);
+      slot_busy_[job.slot] = false;
+      drained_.push_back(job.layer);
+    }
+    drain_cv_.notify_all();
   }
 }
 
@@ -761,9 +824,9 @@ StatusOr<double> TrainExecutor::Run(const int32_t* tokens, float grad_scale, boo
       LayerBackward(w, BackwardGrads(l), input(l));
       StageRelease(step++);
       ReturnGrads(l);
-      if (on_layer_grads_) on_layer_grads_(l);
     }
   }
+  WaitDrains();
   if (host_) {
     kernels::EmbeddingBackward(store_->grad(*embed_), F(dh_), ids_.data(), n, d);
   } else {

@@ -20,7 +20,8 @@
 //   the stager uploads each layer into a device slot on the device's transfer queue (bf16:
 //   converted on the host first, halving the bytes moved) and waits, before refilling a slot, on
 //   a fence compute recorded when it released it; each layer's weight gradients are computed
-//   into one device gradient slot (zeroed per layer), copied back and added into the store; the
+//   into one of two device gradient slots (zeroed per layer), which a drainer thread copies back
+//   and adds into the store while the next layers compute; the
 //   embedding runs on the host (its rows are gathered there and uploaded, its gradient scattered
 //   there from the downloaded d(input)); the final norm and the LM head are uploaded each step
 //   and their gradients come back the same way. On the CPU made discrete every result is bit-
@@ -46,6 +47,7 @@
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -199,10 +201,17 @@ class TrainExecutor {
   void StagerLoop();
   LayerWeights StoreWeights(int layer) const;
   LayerGrads StoreGrads(int layer);
-  // Where layer `layer`'s backward writes its weight gradients: the store (host memory) or the
-  // zeroed device gradient slot; ReturnGrads adds the slot into the store (discrete devices).
+  // Where layer `layer`'s backward writes its weight gradients: the store (host memory), or on a
+  // discrete device the next of two gradient slots, zeroed once the drainer has emptied it.
+  // ReturnGrads hands the slot to the drainer thread, which waits for the layer's kernels, copies
+  // the slot back (Device::Download) and adds it into the store while the next layers compute.
+  // on_layer_grads_ runs on the calling thread once a layer's gradients are in the store:
+  // at once on host memory, else from BackwardGrads and WaitDrains (CallDrained).
   LayerGrads BackwardGrads(int layer);
   void ReturnGrads(int layer);
+  void WaitDrains();
+  void CallDrained();
+  void DrainerLoop();
   // Copies device memory back and adds it into the store's gradients at `dst` (discrete only).
   void AddBack(float* dst, const void* device_src, size_t n);
 
@@ -236,7 +245,7 @@ class TrainExecutor {
   DeviceBuffer a16_, o16_, bn16_, s16_, xf16_, dy16_;
   // The LM head's working copy (bf16; discrete devices also in f32), and on discrete devices the
   // final norm's, plus the gradients of the head, the final norm and one layer.
-  DeviceBuffer head_, fnorm_, dhead_, dfnorm_, grad_slot_;
+  DeviceBuffer head_, fnorm_, dhead_, dfnorm_, grad_slot_[2];
   size_t grad_off_[9] = {};
   // Discrete devices: page-locked host memory for the stager's bf16 conversions (one slot) and
   // for everything that comes back or goes up from the compute thread (the largest of a layer's
@@ -249,7 +258,7 @@ class TrainExecutor {
       if (p != nullptr) dev->ReleaseHost(p);
     }
   };
-  HostMem host_stage_, host_ret_;
+  HostMem host_stage_, host_ret_, host_grad_;  // host_grad_: the drainer's
 
   // Staging slots (copy mode) and the stager thread.
   bool zero_copy_ = true;
@@ -266,6 +275,21 @@ class TrainExecutor {
   std::thread stager_;
   uint64_t stage_wait_ns_ = 0;
   std::function<void(int)> on_layer_grads_;
+
+  // The gradient drainer (discrete devices).
+  struct DrainJob {
+    int layer;
+    int slot;
+    std::unique_ptr<DeviceFence> fence;  // after the layer's backward; null: already complete
+  };
+  std::thread drainer_;
+  std::mutex drain_mu_;
+  std::condition_variable drain_cv_;
+  std::deque<DrainJob> drain_queue_;
+  bool slot_busy_[2] = {false, false};  // queued or being drained
+  std::deque<int> drained_;             // layers in the store whose callback has not run
+  bool drain_stop_ = false;
+  int next_grad_slot_ = 0;
 };
 
 }  // namespace strata::runtime
