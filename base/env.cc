@@ -44,6 +44,9 @@ constexpr EnvVar kEnvVars[] = {
      "0 = always block."},
     {"STRATA_SEGMENT_BYTES", "262144",
      "Collectives cut messages into segments of this many bytes."},
+    {"STRATA_SNAPSHOTD_RPC_TIMEOUT_S", "30",
+     "Seconds strata train waits for its snapshotd to answer one request; past it the snapshotd "
+     "counts as hung and is killed and replaced (it recovers its versions from shared memory)."},
     {"STRATA_STAR_HUB", "0", "Default hub rank of the star allreduce."},
     {"STRATA_TCP_IFNAME", "auto",
      "Interface whose IPv4 address the tcp transport listens on; auto = loopback when all ranks "

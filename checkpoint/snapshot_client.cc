@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -98,7 +99,15 @@ StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::str
 StatusOr<std::unique_ptr<SnapshotClient>> SnapshotClient::Connect(const std::string& socket_path,
                                                                   const Options& options) {
   STRATA_ASSIGN_OR_RETURN(int fd, ConnectUnix(socket_path));
-  return std::unique_ptr<SnapshotClient>(new SnapshotClient(fd, options));
+  std::unique_ptr<SnapshotClient> c(new SnapshotClient(fd, options));
+  // The listener's credentials, recorded by the kernel when it called listen(): valid even if
+  // that process has stopped answering.
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0 && cred.pid > 0) {
+    c->server_pid_ = cred.pid;
+  }
+  return c;
 }
 
 SnapshotClient::~SnapshotClient() {

@@ -119,6 +119,9 @@ class SnapshotClient {
   Status Finish();
   // Round trip to check snapshotd is alive; returns its process id.
   StatusOr<int> Ping();
+  // The process id of the snapshotd this client connected to, from the socket itself
+  // (SO_PEERCRED), so known even when that snapshotd never answers; -1 if unknown.
+  int server_pid() const { return server_pid_; }
 
  private:
   SnapshotClient(int fd, Options options) : fd_(fd), options_(options) {}
@@ -127,6 +130,7 @@ class SnapshotClient {
 
   int fd_ = -1;
   Options options_;
+  int server_pid_ = -1;
   int rank_ = -1;
   size_t bytes_ = 0;
   size_t slot_bytes_ = 0;

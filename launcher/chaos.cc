@@ -35,18 +35,24 @@ struct ChaosArgs {
   std::string shm_tag;
 };
 
-StatusOr<std::unique_ptr<checkpoint::SnapshotClient>> ConnectTo(const ChaosArgs& a) {
+StatusOr<std::unique_ptr<checkpoint::SnapshotClient>> ConnectTo(
+    const ChaosArgs& a, checkpoint::SnapshotClient::Options options = {}) {
   checkpoint::SnapshotdOptions so;
   so.run = a.run;
   so.socket_path = a.socket;
   // strata train's node tag on nodes that share a machine (network namespaces).
   if (so.socket_path.empty()) so.socket_path = checkpoint::NodeSocketPath(a.run, a.shm_tag);
-  return checkpoint::SnapshotClient::Connect(checkpoint::SnapshotdSocketPath(so));
+  return checkpoint::SnapshotClient::Connect(checkpoint::SnapshotdSocketPath(so), options);
 }
 
 Status KillSnapshotd(const ChaosArgs& a) {
-  STRATA_ASSIGN_OR_RETURN(auto client, ConnectTo(a));
-  STRATA_ASSIGN_OR_RETURN(int pid, client->Ping());
+  checkpoint::SnapshotClient::Options quick;
+  quick.rpc_timeout_s = 5;
+  STRATA_ASSIGN_OR_RETURN(auto client, ConnectTo(a, quick));
+  // A hung (stopped) snapshotd does not answer the ping: its pid then comes from the socket.
+  StatusOr<int> pong = client->Ping();
+  const int pid = pong.ok() ? *pong : client->server_pid();
+  if (pid <= 0) return pong.status();
   if (::kill(pid, SIGKILL) != 0) return ErrnoStatus(fmt::format("kill {}", pid), errno);
   // Gone once signal 0 fails (it is not our child, so there is nothing to reap).
   for (int i = 0; i < 500 && ::kill(pid, 0) == 0; ++i) {
@@ -54,6 +60,18 @@ Status KillSnapshotd(const ChaosArgs& a) {
   }
   std::printf("strata chaos: killed snapshotd of run '%s' (pid %d) with SIGKILL\n", a.run.c_str(),
               pid);
+  return Status::OK();
+}
+
+// SIGSTOP: the snapshotd keeps its socket and accepts connections but answers nothing, as a hung
+// process would. strata train replaces it once a request goes unanswered for
+// STRATA_SNAPSHOTD_RPC_TIMEOUT_S.
+Status HangSnapshotd(const ChaosArgs& a) {
+  STRATA_ASSIGN_OR_RETURN(auto client, ConnectTo(a));
+  STRATA_ASSIGN_OR_RETURN(int pid, client->Ping());
+  if (::kill(pid, SIGSTOP) != 0) return ErrnoStatus(fmt::format("kill -STOP {}", pid), errno);
+  std::printf("strata chaos: stopped snapshotd of run '%s' (pid %d) with SIGSTOP\n",
+              a.run.c_str(), pid);
   return Status::OK();
 }
 
@@ -211,6 +229,20 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
                 "(n<node index>, network namespaces); picks its socket");
   commands.push_back({k, [a] {
                         Status st = KillSnapshotd(*a);
+                        if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
+                        return st.ok() ? 0 : 1;
+                      }});
+  CLI::App* h = chaos->add_subcommand(
+      "hang-snapshotd",
+      "SIGSTOP this node's snapshotd of a run: it keeps its socket but answers nothing, like a "
+      "hung process. The trainer kills and replaces it once a request goes unanswered for "
+      "STRATA_SNAPSHOTD_RPC_TIMEOUT_S seconds (default 30); the new one recovers the committed "
+      "versions from shared memory.");
+  h->add_option("--run", a->run, "run name (strata train --run)")->required();
+  h->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
+  h->add_option("--shm-tag", a->shm_tag, "the node tag, as for kill-snapshotd");
+  commands.push_back({h, [a] {
+                        Status st = HangSnapshotd(*a);
                         if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
                         return st.ok() ? 0 : 1;
                       }});

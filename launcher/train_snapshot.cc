@@ -1,25 +1,51 @@
 #include "launcher/train_snapshot.h"
 
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <vector>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include "base/clock.h"
+#include "base/env.h"
 #include "base/logging.h"
 #include "checkpoint/snapshot_wire.h"
 #include "checkpoint/snapshotd.h"
 
 namespace strata::launcher {
 namespace {
+
+// Waits up to 10 s for process `pid` to be gone. It is not our child (EnsureSnapshotd
+// double-forks), so there is nothing to reap: gone is no /proc entry, or a zombie (an init that
+// does not reap promptly). Waiting matters: a new snapshotd cannot take the socket lock or the
+// peer port before this one released them.
+Status WaitGone(int pid, const std::string& what, const char* after) {
+  const int64_t deadline = NowNs() + 10'000'000'000;
+  for (;;) {
+    std::ifstream stat(fmt::format("/proc/{}/stat", pid));
+    std::string line;
+    if (!std::getline(stat, line)) return Status::OK();
+    const size_t paren = line.rfind(')');
+    if (paren != std::string::npos && paren + 2 < line.size() &&
+        (line[paren + 2] == 'Z' || line[paren + 2] == 'X')) {
+      return Status::OK();
+    }
+    if (NowNs() > deadline) {
+      return Status::DeadlineExceeded(fmt::format("{} did not exit within 10 s of {}", what, after));
+    }
+    ::usleep(10000);
+  }
+}
 
 constexpr uint64_t kStateMagic = 0x31504e5341525453ULL;  // "STRASNP1"
 
@@ -116,13 +142,66 @@ checkpoint::SnapshotdOptions TrainSnapshotter::DaemonOptions() const {
   return so;
 }
 
-Status TrainSnapshotter::Reconnect() {
+Status TrainSnapshotter::ConnectAndRegister() {
   const checkpoint::SnapshotdOptions so = DaemonOptions();
+  const std::string socket = checkpoint::SnapshotdSocketPath(so);
   client_.reset();  // unmaps the old slots first (a replaced snapshotd hands out new ones)
+  checkpoint::SnapshotClient::Options co;
+  co.rpc_timeout_s = static_cast<double>(EnvIntInRange("STRATA_SNAPSHOTD_RPC_TIMEOUT_S", 1, 3600));
+  // A hung snapshotd still accepts connections and holds the socket's lock, so no new one could
+  // start: find it out first (it never answers a ping) and replace it.
+  if (StatusOr<std::unique_ptr<checkpoint::SnapshotClient>> probe =
+          checkpoint::SnapshotClient::Connect(socket, co);
+      probe.ok()) {
+    StatusOr<int> pong = (*probe)->Ping();
+    if (!pong.ok() && pong.status().code() == StatusCode::kDeadlineExceeded) {
+      client_ = std::move(*probe);
+      STRATA_RETURN_IF_ERROR(KillHung(pong.status()));
+      ++reconnects_;
+    }
+  }
   STRATA_RETURN_IF_ERROR(checkpoint::EnsureSnapshotd(so, opts_.strata_binary));
-  STRATA_ASSIGN_OR_RETURN(client_,
-                          checkpoint::SnapshotClient::Connect(checkpoint::SnapshotdSocketPath(so)));
+  STRATA_ASSIGN_OR_RETURN(client_, checkpoint::SnapshotClient::Connect(socket, co));
   return client_->Register(rank_, world_, bytes_);
+}
+
+Status TrainSnapshotter::Reconnect() {
+  Status st;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    st = ConnectAndRegister();
+    if (st.code() == StatusCode::kDeadlineExceeded && client_ != nullptr) {
+      // Accepted but never answered: hung. Another local rank may be replacing it already.
+      STRATA_RETURN_IF_ERROR(KillHung(st));
+      ++reconnects_;
+    } else if (st.code() == StatusCode::kUnavailable && attempt > 0) {
+      // The snapshotd we talked to died under us (another rank killed the hung one): again.
+    } else {
+      return st;
+    }
+  }
+  return st;
+}
+
+Status TrainSnapshotter::KillHung(const Status& why) {
+  const int pid = client_ ? client_->server_pid() : -1;
+  if (pid <= 0) return why;
+  // Only a snapshotd: the pid came from the socket, but check before sending SIGKILL.
+  std::ifstream cmd(fmt::format("/proc/{}/cmdline", pid), std::ios::binary);
+  const std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+  if (argv.find("snapshotd") == std::string::npos) return why;
+  STRATA_LOG(WARN, CKPT,
+             "rank {}: snapshotd of run '{}' (pid {}) does not answer ({}); killing it and "
+             "starting a new one, which recovers the committed versions from shared memory",
+             rank_, opts_.run, pid, why.ToString());
+  std::fprintf(stderr,
+               "strata train: rank %d: snapshotd (pid %d) does not answer; killed it and started "
+               "a new one\n",
+               rank_, pid);
+  client_.reset();
+  if (::kill(pid, SIGKILL) != 0 && errno != ESRCH) {
+    return ErrnoStatus(fmt::format("kill {}", pid), errno);
+  }
+  return WaitGone(pid, fmt::format("hung snapshotd (pid {})", pid), "SIGKILL");
 }
 
 Status TrainSnapshotter::DiscardNodeMemory() {
@@ -130,25 +209,7 @@ Status TrainSnapshotter::DiscardNodeMemory() {
   STRATA_ASSIGN_OR_RETURN(int pid, client_->Ping());
   STRATA_RETURN_IF_ERROR(client_->Finish());
   client_.reset();
-  // It is not our child (EnsureSnapshotd double-forks), so there is nothing to reap: gone is
-  // no /proc entry, or a zombie (an init that does not reap promptly). Waiting matters: a new
-  // snapshotd cannot take the socket lock or the peer port before this one released them.
-  const int64_t deadline = NowNs() + 10'000'000'000;
-  for (;;) {
-    std::ifstream stat(fmt::format("/proc/{}/stat", pid));
-    std::string line;
-    if (!std::getline(stat, line)) return Status::OK();
-    const size_t paren = line.rfind(')');
-    if (paren != std::string::npos && paren + 2 < line.size() &&
-        (line[paren + 2] == 'Z' || line[paren + 2] == 'X')) {
-      return Status::OK();
-    }
-    if (NowNs() > deadline) {
-      return Status::DeadlineExceeded(fmt::format(
-          "snapshotd of run '{}' (pid {}) did not exit within 10 s of Finish", opts_.run, pid));
-    }
-    ::usleep(10000);
-  }
+  return WaitGone(pid, fmt::format("snapshotd of run '{}' (pid {})", opts_.run, pid), "Finish");
 }
 
 Status TrainSnapshotter::Snapshot(int64_t step) {
@@ -160,6 +221,12 @@ Status TrainSnapshotter::Snapshot(int64_t step) {
     // the shared memory the old one left, and carry on; training never stops for it.
     STRATA_LOG(WARN, CKPT, "rank {}: snapshotd of run '{}' is gone ({}); restarting it", rank_,
                opts_.run, begun.status().ToString());
+    STRATA_RETURN_IF_ERROR(Reconnect());
+    ++reconnects_;
+    begun = client_->BeginVersion(step);
+  } else if (!begun.ok() && begun.status().code() == StatusCode::kDeadlineExceeded) {
+    // snapshotd accepted the request but never answered (hung, stopped): replace it.
+    STRATA_RETURN_IF_ERROR(KillHung(begun.status()));
     STRATA_RETURN_IF_ERROR(Reconnect());
     ++reconnects_;
     begun = client_->BeginVersion(step);

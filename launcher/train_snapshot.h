@@ -94,10 +94,13 @@ class TrainSnapshotter {
   // process is gone, so that Reconnect() starts an empty one. For a job whose nodes cannot all
   // resume from memory: they then agree on a disk version.
   Status DiscardNodeMemory();
-  // Starts (or finds) snapshotd, connects and registers this rank.
+  // Starts (or finds) snapshotd, connects and registers this rank. A snapshotd that accepts the
+  // connection but does not answer within STRATA_SNAPSHOTD_RPC_TIMEOUT_S (hung, stopped) is
+  // SIGKILLed and replaced, once; the new one recovers the committed versions from the shared
+  // memory left behind.
   Status Reconnect();
   int64_t snapshots() const { return snapshots_; }
-  // Times a dead snapshotd was replaced during the run.
+  // Times a dead or hung snapshotd was replaced during the run.
   int reconnects() const { return reconnects_; }
   double copy_seconds() const { return copy_ns_ / 1e9; }
 
@@ -105,6 +108,10 @@ class TrainSnapshotter {
   TrainSnapshotter() = default;
   Status Snapshot(int64_t step);
   Status LoadOnce(bool all_weights);
+  // The connected snapshotd did not answer (`why`): SIGKILL it (checked to be a snapshotd) and
+  // wait until it is gone, so that Reconnect can start a new one.
+  Status KillHung(const Status& why);
+  Status ConnectAndRegister();
   checkpoint::SnapshotdOptions DaemonOptions() const;
 
   TrainSnapshotOptions opts_;

@@ -366,7 +366,7 @@ TEST(EnvTest, RegistryIsSortedAndComplete) {
       {"STRATA_SEGMENT_BYTES", "262144"}, {"STRATA_STAR_HUB", "0"},
       {"STRATA_ALLREDUCE_TABLE", ""},     {"STRATA_TCP_SPIN_US", "50"},
       {"STRATA_POOL_SPIN_US", "100"},     {"STRATA_COMM_SPIN_MS", "50"},
-      {"STRATA_CUDA_PLUGIN", ""},
+      {"STRATA_CUDA_PLUGIN", ""},         {"STRATA_SNAPSHOTD_RPC_TIMEOUT_S", "30"},
   };
   EXPECT_EQ(vars.size(), std::size(expected));
   for (const Expected& e : expected) {

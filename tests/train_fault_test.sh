@@ -7,14 +7,16 @@
 #  3. the node's memory is lost (snapshotd killed, its shared memory removed): the relaunch falls
 #     back to the version snapshotd persisted to disk, and says so;
 #  4. a byte of a committed snapshot is corrupted (strata chaos corrupt): the resume refuses it,
-#     naming the rank and the section, instead of loading bad state.
+#     naming the rank and the section, instead of loading bad state;
+#  5. the snapshotd hangs (strata chaos hang-snapshotd: SIGSTOP) after a rank crash: the relaunch
+#     finds it unanswering, kills it and starts a new one, which resumes from the shared memory.
 #   train_fault_test.sh STRATA_BINARY SOURCE_DIR
 set -euo pipefail
 STRATA="$1"; SRC="$2"
 WORK="$(mktemp -d /tmp/strata-train-fault-XXXXXX)"
 TAG="ft$$"
 cleanup() {
-  for run in "$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d"; do
+  for run in "$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d" "$TAG-e"; do
     "$STRATA" chaos kill-snapshotd --run "$run" > /dev/null 2>&1 || true
     rm -f /dev/shm/strata-snap-"$run"-* /tmp/strata-snapshotd-"$run".*
   done
@@ -88,4 +90,12 @@ fi
 grep -q "rank 1" "$WORK/corrupt.err" && grep -q "adam_m" "$WORK/corrupt.err" ||
   { echo "train_fault_test: corruption not reported clearly:"; cat "$WORK/corrupt.err"; exit 1; }
 echo "train_fault_test: corrupted adam_m of rank 1 detected and refused"
+
+# 5. A rank crash, then the snapshotd hangs: the relaunch replaces it and resumes from memory.
+crash "$TAG-e" 5
+"$STRATA" chaos hang-snapshotd --run "$TAG-e" > /dev/null
+STRATA_SNAPSHOTD_RPC_TIMEOUT_S=2 resume "$TAG-e" hung
+same_as_full hung 5 "snapshotd memory"
+grep -q "does not answer; killed it and started a new one" "$WORK/hung.err" ||
+  { echo "train_fault_test: the hung snapshotd was not replaced:"; cat "$WORK/hung.err"; exit 1; }
 echo "train_fault_test: passed"
