@@ -214,25 +214,39 @@ Status TrainSnapshotter::DiscardNodeMemory() {
 
 Status TrainSnapshotter::Snapshot(int64_t step) {
   const uint64_t t0 = NowNs();
-  StatusOr<uint8_t*> begun = client_->BeginVersion(step);
-  if (!begun.ok() && begun.status().code() == StatusCode::kUnavailable &&
-      begun.status().ToString().find("busy") == std::string::npos) {
-    // snapshotd died (killed, OOM): start a new one, which recovers the committed versions from
-    // the shared memory the old one left, and carry on; training never stops for it.
-    STRATA_LOG(WARN, CKPT, "rank {}: snapshotd of run '{}' is gone ({}); restarting it", rank_,
-               opts_.run, begun.status().ToString());
+  Status st;
+  // Training never stops for its snapshotd: one that died (killed, OOM) or hung (accepts, never
+  // answers) in the middle of this snapshot is replaced, and the snapshot taken again from the
+  // start; the new one recovers the committed versions from the shared memory left behind.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    st = SnapshotOnce(step);
+    if (attempt > 0 && st.code() == StatusCode::kFailedPrecondition &&
+        st.message().find("is already committed") != std::string::npos) {
+      // The old snapshotd committed this version before it stopped answering; the new one
+      // recovered it. Nothing to redo.
+      st = Status::OK();
+    }
+    const bool hung = st.code() == StatusCode::kDeadlineExceeded;
+    const bool gone = st.code() == StatusCode::kUnavailable &&
+                      st.ToString().find("busy") == std::string::npos;
+    if (!hung && !gone) break;
+    if (hung) {
+      STRATA_RETURN_IF_ERROR(KillHung(st));
+    } else {
+      STRATA_LOG(WARN, CKPT, "rank {}: snapshotd of run '{}' is gone ({}); restarting it", rank_,
+                 opts_.run, st.ToString());
+    }
     STRATA_RETURN_IF_ERROR(Reconnect());
     ++reconnects_;
-    begun = client_->BeginVersion(step);
-  } else if (!begun.ok() && begun.status().code() == StatusCode::kDeadlineExceeded) {
-    // snapshotd accepted the request but never answered (hung, stopped): replace it.
-    STRATA_RETURN_IF_ERROR(KillHung(begun.status()));
-    STRATA_RETURN_IF_ERROR(Reconnect());
-    ++reconnects_;
-    begun = client_->BeginVersion(step);
   }
-  STRATA_RETURN_IF_ERROR(begun.status());
-  uint8_t* dst = *begun;
+  STRATA_RETURN_IF_ERROR(st);
+  copy_ns_ += NowNs() - t0;
+  ++snapshots_;
+  return Status::OK();
+}
+
+Status TrainSnapshotter::SnapshotOnce(int64_t step) {
+  STRATA_ASSIGN_OR_RETURN(uint8_t* dst, client_->BeginVersion(step));
   const size_t slice = store_->slice_size() * sizeof(float);
   const size_t off_w = Align(sizeof(TrainSnapshotState));
   const size_t off_m = off_w + Align(slice), off_v = off_m + Align(slice);
@@ -250,13 +264,10 @@ Status TrainSnapshotter::Snapshot(int64_t step) {
       checkpoint::CopyAndChecksum(dst + off_w, store_->weights() + store_->slice_begin(), slice);
   const uint32_t crc_m = checkpoint::CopyAndChecksum(dst + off_m, store_->moment1(), slice);
   const uint32_t crc_v = checkpoint::CopyAndChecksum(dst + off_v, store_->moment2(), slice);
-  STRATA_RETURN_IF_ERROR(client_->Publish(step, {{"state", 0, sizeof(st), std::nullopt},
-                                                 {"weights", off_w, slice, crc_w},
-                                                 {"adam_m", off_m, slice, crc_m},
-                                                 {"adam_v", off_v, slice, crc_v}}));
-  copy_ns_ += NowNs() - t0;
-  ++snapshots_;
-  return Status::OK();
+  return client_->Publish(step, {{"state", 0, sizeof(st), std::nullopt},
+                                 {"weights", off_w, slice, crc_w},
+                                 {"adam_m", off_m, slice, crc_m},
+                                 {"adam_v", off_v, slice, crc_v}});
 }
 
 Status TrainSnapshotter::AfterStep(int64_t step) {

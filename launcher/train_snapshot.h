@@ -107,6 +107,7 @@ class TrainSnapshotter {
  private:
   TrainSnapshotter() = default;
   Status Snapshot(int64_t step);
+  Status SnapshotOnce(int64_t step);
   Status LoadOnce(bool all_weights);
   // The connected snapshotd did not answer (`why`): SIGKILL it (checked to be a snapshotd) and
   // wait until it is gone, so that Reconnect can start a new one.
