@@ -188,6 +188,9 @@ Status TrainSnapshotter::KillHung(const Status& why) {
   // Only a snapshotd: the pid came from the socket, but check before sending SIGKILL.
   std::ifstream cmd(fmt::format("/proc/{}/cmdline", pid), std::ios::binary);
   const std::string argv((std::istreambuf_iterator<char>(cmd)), std::istreambuf_iterator<char>());
+  client_.reset();
+  // Gone already (another local rank replaced it): nothing to kill.
+  if (argv.empty()) return Status::OK();
   if (argv.find("snapshotd") == std::string::npos) return why;
   STRATA_LOG(WARN, CKPT,
              "rank {}: snapshotd of run '{}' (pid {}) does not answer ({}); killing it and "
