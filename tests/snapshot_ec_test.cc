@@ -16,6 +16,8 @@
 #include <cstring>
 #include <filesystem>
 #include <memory>
+#include <random>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -50,17 +52,30 @@ uint8_t Pattern(int rank, int64_t version, size_t i) {
   return static_cast<uint8_t>(x >> 40);
 }
 
+// A free port below the kernel's ephemeral range (32768-60999 by default), as strata train
+// picks them (20000-31999): a port from the ephemeral range can be taken, between tests or while
+// a node restarts, as the local port of some outgoing connection, and the restarted node's bind
+// then fails with EADDRINUSE (it did, in one CI run in several).
 int FreePort() {
-  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  a.sin_port = 0;
-  EXPECT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
-  socklen_t len = sizeof(a);
-  ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  ::close(fd);
-  return ntohs(a.sin_port);
+  static std::mt19937 rng(static_cast<uint32_t>(::getpid()) * 2654435761u);
+  static std::set<int> handed_out;
+  for (int attempt = 0; attempt < 1000; ++attempt) {
+    const int port = 20000 + static_cast<int>(rng() % 12000);
+    if (handed_out.count(port)) continue;
+    const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    const bool free = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0;
+    ::close(fd);
+    if (free) {
+      handed_out.insert(port);
+      return port;
+    }
+  }
+  ADD_FAILURE() << "no free port in 20000-31999";
+  return 0;
 }
 
 std::vector<uint8_t> ReadShm(const std::string& name) {
