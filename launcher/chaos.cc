@@ -208,6 +208,15 @@ Status KillNode(const ChaosArgs& a) {
   return Status::OK();
 }
 
+// A subcommand's body: run `fn`, print its error, exit 0 or 1.
+std::function<int()> Reported(Status (*fn)(const ChaosArgs&), std::shared_ptr<ChaosArgs> a) {
+  return [fn, a] {
+    const Status st = fn(*a);
+    if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
+    return st.ok() ? 0 : 1;
+  };
+}
+
 }  // namespace
 
 void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
@@ -227,11 +236,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   k->add_option("--shm-tag", a->shm_tag,
                 "the node tag strata train gives the snapshotd when nodes share one machine "
                 "(n<node index>, network namespaces); picks its socket");
-  commands.push_back({k, [a] {
-                        Status st = KillSnapshotd(*a);
-                        if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
-                        return st.ok() ? 0 : 1;
-                      }});
+  commands.push_back({k, Reported(KillSnapshotd, a)});
   CLI::App* h = chaos->add_subcommand(
       "hang-snapshotd",
       "SIGSTOP this node's snapshotd of a run: it keeps its socket but answers nothing, like a "
@@ -241,11 +246,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   h->add_option("--run", a->run, "run name (strata train --run)")->required();
   h->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
   h->add_option("--shm-tag", a->shm_tag, "the node tag, as for kill-snapshotd");
-  commands.push_back({h, [a] {
-                        Status st = HangSnapshotd(*a);
-                        if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
-                        return st.ok() ? 0 : 1;
-                      }});
+  commands.push_back({h, Reported(HangSnapshotd, a)});
   CLI::App* n = chaos->add_subcommand(
       "kill-node",
       "Take this node down for a run: SIGKILL every strata process of the run here (its "
@@ -260,11 +261,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   n->add_option("--shm-tag", a->shm_tag,
                 "also remove shared memory of this tag when no snapshotd is running "
                 "(strata train uses n<node index> when nodes of a job share one machine)");
-  commands.push_back({n, [a] {
-                        Status st = KillNode(*a);
-                        if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
-                        return st.ok() ? 0 : 1;
-                      }});
+  commands.push_back({n, Reported(KillNode, a)});
   CLI::App* c = chaos->add_subcommand(
       "corrupt",
       "Flip one byte of a rank's section in the newest committed snapshot in shared memory. "
@@ -279,11 +276,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
   c->add_option("--rank", a->rank, "whose snapshot")->capture_default_str();
   c->add_option("--section", a->section, "state, weights, adam_m or adam_v")->capture_default_str();
   c->add_option("--byte", a->byte, "offset inside the section")->capture_default_str();
-  commands.push_back({c, [a] {
-                        Status st = CorruptSnapshot(*a);
-                        if (!st.ok()) std::fprintf(stderr, "strata chaos: %s\n", st.ToString().c_str());
-                        return st.ok() ? 0 : 1;
-                      }});
+  commands.push_back({c, Reported(CorruptSnapshot, a)});
 }
 
 }  // namespace strata::launcher

@@ -249,25 +249,9 @@ StatusOr<StepStats> DpTrainer::StepOverlapped(const runtime::TokenCorpus& corpus
   overlap_error_ = Status::OK();
   fenced_ = false;
   reduce_ns_ = 0;
-  std::memset(store_->grads(), 0, store_->layout().total() * sizeof(float));
-  const float scale = 1.0f / static_cast<float>(opts_.batch * opts_.seq);
-  double local_loss = 0;
-  const int64_t last = (rank_ + 1) * local_batch_ - micro_;
-  for (int64_t first = rank_ * local_batch_; first < (rank_ + 1) * local_batch_; first += micro_) {
-    STRATA_RETURN_IF_ERROR(
-        corpus.Batch(opts_.seed, step, first, micro_, opts_.seq, tokens_.data()));
-    // Only the last micro-batch completes a layer's gradients.
-    if (first == last) {
-      exec_->set_on_layer_grads([this](int l) { RangeReady(layer_ranges_[static_cast<size_t>(l)]); });
-    }
-    StatusOr<double> l = exec_->ForwardBackward(tokens_.data(), scale);
-    exec_->set_on_layer_grads(nullptr);
-    if (!l.ok()) {
-      overlap_error_ = l.status();
-      break;
-    }
-    local_loss += *l;
-  }
+  StatusOr<double> local_loss = ComputeGradients(
+      corpus, step, [this](int l) { RangeReady(layer_ranges_[static_cast<size_t>(l)]); });
+  if (!local_loss.ok() && overlap_error_.ok()) overlap_error_ = local_loss.status();
   if (overlap_error_.ok()) {
     for (const Range& r : other_ranges_) RangeReady(r);
   }
@@ -280,17 +264,9 @@ StatusOr<StepStats> DpTrainer::StepOverlapped(const runtime::TokenCorpus& corpus
   }
   const uint64_t t2 = NowNs();
   STRATA_RETURN_IF_ERROR(overlap_error_);
-  const size_t begin = store_->slice_begin(), n = store_->slice_size();
-  STRATA_ASSIGN_OR_RETURN(double loss_sum, SumAcrossRanks(local_loss));
-  STRATA_ASSIGN_OR_RETURN(double sq, SumAcrossRanks(kernels::SumSquares(store_->grads() + begin, n)));
-  st.loss = loss_sum / static_cast<double>(opts_.batch * opts_.seq);
-  st.grad_norm = std::sqrt(sq);
-  if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm)) {
-    return Status::Aborted(fmt::format(
-        "step {}: loss {} / gradient norm {} is not finite (learning rate too high?); the "
-        "overlapped update already applied it, so resume from the previous snapshot",
-        step, st.loss, st.grad_norm));
-  }
+  // The gradients were all-reduced in place: this rank's slice of them is the reduced one.
+  STRATA_RETURN_IF_ERROR(
+      SetLossAndNorm(*local_loss, store_->grads() + store_->slice_begin(), step, &st));
   const uint64_t t3 = NowNs();
   STRATA_RETURN_IF_ERROR(GatherWeights());
   const uint64_t t4 = NowNs();
@@ -311,17 +287,45 @@ StatusOr<double> DpTrainer::SumAcrossRanks(double x) {
 }
 
 StatusOr<double> DpTrainer::ComputeGradients(const runtime::TokenCorpus& corpus, int64_t step) {
+  return ComputeGradients(corpus, step, nullptr);
+}
+
+StatusOr<double> DpTrainer::ComputeGradients(const runtime::TokenCorpus& corpus, int64_t step,
+                                             std::function<void(int)> on_final_layer_grads) {
   std::memset(store_->grads(), 0, store_->layout().total() * sizeof(float));
   // Every target token of the global batch counts once in the mean.
   const float scale = 1.0f / static_cast<float>(opts_.batch * opts_.seq);
+  const int64_t last = (rank_ + 1) * local_batch_ - micro_;
   double loss = 0;
   for (int64_t first = rank_ * local_batch_; first < (rank_ + 1) * local_batch_; first += micro_) {
     STRATA_RETURN_IF_ERROR(
         corpus.Batch(opts_.seed, step, first, micro_, opts_.seq, tokens_.data()));
-    STRATA_ASSIGN_OR_RETURN(double l, exec_->ForwardBackward(tokens_.data(), scale));
-    loss += l;
+    // Only the last micro-batch completes a layer's gradients.
+    if (first == last) exec_->set_on_layer_grads(on_final_layer_grads);
+    StatusOr<double> l = exec_->ForwardBackward(tokens_.data(), scale);
+    exec_->set_on_layer_grads(nullptr);
+    STRATA_RETURN_IF_ERROR(l.status());
+    loss += *l;
   }
   return loss;
+}
+
+Status DpTrainer::SetLossAndNorm(double local_loss, const float* g, int64_t step,
+                                 StepStats* st) {
+  STRATA_ASSIGN_OR_RETURN(double loss_sum, SumAcrossRanks(local_loss));
+  STRATA_ASSIGN_OR_RETURN(double sq,
+                          SumAcrossRanks(kernels::SumSquares(g, store_->slice_size())));
+  st->loss = loss_sum / static_cast<double>(opts_.batch * opts_.seq);
+  st->grad_norm = std::sqrt(sq);
+  if (!std::isfinite(st->loss) || !std::isfinite(st->grad_norm)) {
+    return Status::Aborted(fmt::format(
+        "step {}: loss {} / gradient norm {} is not finite (learning rate too high?){}", step,
+        st->loss, st->grad_norm,
+        overlap_ ? "; the overlapped update already applied it, so resume from the previous "
+                   "snapshot"
+                 : ""));
+  }
+  return Status::OK();
 }
 
 StatusOr<StepStats> DpTrainer::Step(const runtime::TokenCorpus& corpus, int64_t step) {
@@ -341,17 +345,9 @@ StatusOr<StepStats> DpTrainer::Step(const runtime::TokenCorpus& corpus, int64_t 
   } else {
     g = store_->grads() + begin;
   }
-  STRATA_ASSIGN_OR_RETURN(double loss_sum, SumAcrossRanks(local_loss));
-  STRATA_ASSIGN_OR_RETURN(double sq, SumAcrossRanks(kernels::SumSquares(g, n)));
+  STRATA_RETURN_IF_ERROR(SetLossAndNorm(local_loss, g, step, &st));
   const uint64_t t2 = NowNs();
 
-  st.loss = loss_sum / static_cast<double>(opts_.batch * opts_.seq);
-  st.grad_norm = std::sqrt(sq);
-  if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm)) {
-    return Status::Aborted(fmt::format(
-        "step {}: loss {} / gradient norm {} is not finite (learning rate too high?)", step,
-        st.loss, st.grad_norm));
-  }
   // torch.nn.utils.clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
   float grad_scale = 1.0f;
   if (opts_.clip > 0) {

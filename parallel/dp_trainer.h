@@ -119,6 +119,12 @@ class DpTrainer {
   };
   DpTrainer() = default;
   StatusOr<StepStats> StepOverlapped(const runtime::TokenCorpus& corpus, int64_t step);
+  // ComputeGradients, calling `on_final_layer_grads` as each layer's gradients become final.
+  StatusOr<double> ComputeGradients(const runtime::TokenCorpus& corpus, int64_t step,
+                                    std::function<void(int)> on_final_layer_grads);
+  // The step's mean loss and gradient norm from this rank's loss and reduced slice `g`;
+  // Aborted when either is not finite.
+  Status SetLossAndNorm(double local_loss, const float* g, int64_t step, StepStats* st);
   kernels::AdamWParams UpdateParams(int64_t step, float grad_scale) const;
   // AdamW over [begin, end) of this rank's slice, split where weight decay starts or stops.
   void UpdateSlice(size_t begin, size_t end, const float* g, kernels::AdamWParams p) const;

@@ -345,13 +345,13 @@ class CudaDevice final : public Device {
       if (dx != nullptr) Gemm(false, false, r, dim, vocab, dl, vocab, W, dim, 0.0f, dx + c0 * dim, dim, bf16);
       if (dW != nullptr) Gemm(true, false, vocab, dim, r, dl, vocab, xc, dim, 1.0f, dW, dim, bf16);
     }
-    std::vector<float> losses(static_cast<size_t>(n));
-    Note(cudaMemcpyAsync(losses.data(), row_loss, losses.size() * sizeof(float),
+    losses_.resize(static_cast<size_t>(n));  // grown once: this runs every micro-batch
+    Note(cudaMemcpyAsync(losses_.data(), row_loss, losses_.size() * sizeof(float),
                          cudaMemcpyDeviceToHost, compute_),
          "copy out");
     Note(cudaStreamSynchronize(compute_), "synchronize");
     double sum = 0.0;
-    for (float l : losses) sum += l;  // in token order
+    for (float l : losses_) sum += l;  // in token order
     return sum;
   }
 
@@ -363,6 +363,7 @@ class CudaDevice final : public Device {
   cudaStream_t download_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   Scratch rstd_, delta_, logits_, dlogits16_, row_loss_;
+  std::vector<float> losses_;  // the per-token losses, on the host
   std::mutex mu_;
   Status error_;
 };

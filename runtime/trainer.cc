@@ -5,7 +5,6 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <random>
 #include <utility>
 
@@ -14,8 +13,6 @@
 
 #include "base/check.h"
 #include "base/clock.h"
-#include "kernels/cpu/sgemm.h"
-#include "kernels/ops.h"
 #include "kernels/train.h"
 #include "runtime/file_util.h"
 #include "runtime/hf_model.h"

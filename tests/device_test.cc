@@ -36,6 +36,16 @@ std::vector<int32_t> Tokens(uint32_t seed, int64_t batch) {
   return t;
 }
 
+// A one-rank parameter store for `c` (null, after a test failure, when it cannot be made).
+std::unique_ptr<memory::ParamStore> StoreFor(const LlamaConfig& c) {
+  auto layout = LlamaParamLayout(c, 1);
+  EXPECT_TRUE(layout.ok()) << layout.status().ToString();
+  if (!layout.ok()) return nullptr;
+  auto store = memory::ParamStore::Create(std::move(*layout));
+  EXPECT_TRUE(store.ok()) << store.status().ToString();
+  return store.ok() ? std::move(*store) : nullptr;
+}
+
 struct Result {
   std::vector<double> losses;
   std::vector<float> grads;
@@ -46,17 +56,15 @@ struct Result {
 Result Train(bool tied, ExecutorOptions o, Device* device, ThreadPool* pool, int calls) {
   Result r;
   const LlamaConfig c = SmallConfig(tied);
-  auto layout = LlamaParamLayout(c, 1);
-  EXPECT_TRUE(layout.ok());
-  auto store = memory::ParamStore::Create(std::move(*layout));
-  EXPECT_TRUE(store.ok()) << store.status().ToString();
-  InitLlamaParams(**store, 5, 0.08f);
-  std::memset((*store)->grads(), 0, (*store)->layout().total() * sizeof(float));
+  std::unique_ptr<memory::ParamStore> store = StoreFor(c);
+  if (store == nullptr) return r;
+  InitLlamaParams(*store, 5, 0.08f);
+  std::memset(store->grads(), 0, store->layout().total() * sizeof(float));
   o.batch = kBatch;
   o.seq = kSeq;
   o.pool = pool;
   o.device = device;
-  auto x = TrainExecutor::Create(c, store->get(), o);
+  auto x = TrainExecutor::Create(c, store.get(), o);
   EXPECT_TRUE(x.ok()) << x.status().ToString();
   if (!x.ok()) return r;
   for (int i = 0; i < calls; ++i) {
@@ -69,7 +77,7 @@ Result Train(bool tied, ExecutorOptions o, Device* device, ThreadPool* pool, int
   auto loss = (*x)->Loss(tokens.data());
   EXPECT_TRUE(loss.ok()) << loss.status().ToString();
   r.losses.push_back(loss.ok() ? *loss : NAN);
-  r.grads.assign((*store)->grads(), (*store)->grads() + (*store)->layout().total());
+  r.grads.assign(store->grads(), store->grads() + store->layout().total());
   return r;
 }
 
@@ -165,14 +173,12 @@ TEST(DeviceTest, DiscreteCpuBf16IsBitIdenticalToSharedMemory) {
 TEST(DeviceTest, DiscreteDeviceRefusesZeroCopy) {
   std::unique_ptr<Device> discrete = MakeCpuDevice(nullptr, true);
   const LlamaConfig c = SmallConfig(false);
-  auto layout = LlamaParamLayout(c, 1);
-  ASSERT_TRUE(layout.ok());
-  auto store = memory::ParamStore::Create(std::move(*layout));
-  ASSERT_TRUE(store.ok());
+  std::unique_ptr<memory::ParamStore> store = StoreFor(c);
+  ASSERT_NE(store, nullptr);
   ExecutorOptions o;
   o.stage = StageMode::kZeroCopy;
   o.device = discrete.get();
-  auto x = TrainExecutor::Create(c, store->get(), o);
+  auto x = TrainExecutor::Create(c, store.get(), o);
   ASSERT_FALSE(x.ok());
   EXPECT_NE(x.status().message().find("zero-copy"), std::string::npos) << x.status().ToString();
 }
@@ -189,10 +195,8 @@ TEST(DeviceTest, EstimateIsWhatADiscreteDeviceAllocates) {
         SCOPED_TRACE(testing::Message() << "tied " << tied << " " << PrecisionName(p) << " "
                                         << (d ? d->name() : "cpu"));
         const LlamaConfig c = SmallConfig(tied);
-        auto layout = LlamaParamLayout(c, 1);
-        ASSERT_TRUE(layout.ok());
-        auto store = memory::ParamStore::Create(std::move(*layout));
-        ASSERT_TRUE(store.ok());
+        std::unique_ptr<memory::ParamStore> store = StoreFor(c);
+        ASSERT_NE(store, nullptr);
         ExecutorOptions o;
         o.batch = kBatch;
         o.seq = kSeq;
@@ -200,7 +204,7 @@ TEST(DeviceTest, EstimateIsWhatADiscreteDeviceAllocates) {
         o.precision = p;
         o.pool = &pool;
         o.device = d;
-        auto x = TrainExecutor::Create(c, store->get(), o);
+        auto x = TrainExecutor::Create(c, store.get(), o);
         ASSERT_TRUE(x.ok()) << x.status().ToString();
         const ExecutorMemory got = (*x)->memory(), est = TrainExecutor::Estimate(c, o);
         EXPECT_EQ(got.anchors, est.anchors);
