@@ -492,8 +492,11 @@ StatusOr<Snapshotd::RankState*> Snapshotd::OpenRank(int rank, int world, size_t 
     if (reattached) {
       // What this slot held for a snapshotd that died: only committed versions matter (see
       // RecoverFromSlots); anything else is treated as free.
+      // A published version is kept too (its sections are in the room): the other local ranks
+      // may have published it as well before the snapshotd died, which commits it here.
       auto m = ReadSlotManifest(s.base, bytes);
-      if (m.ok() && m->committed() && m->ranks_size() == 1 && m->ranks(0).rank() == rank) {
+      if (m.ok() && m->ranks_size() == 1 && m->ranks(0).rank() == rank &&
+          (m->committed() || m->ranks(0).sections_size() > 0)) {
         s.version = m->version();
         s.published = true;
         s.sections.assign(m->ranks(0).sections().begin(), m->ranks(0).sections().end());
@@ -530,6 +533,8 @@ StatusOr<proto::RegisterReply> Snapshotd::DoRegister(int fd, const proto::Regist
   proto::RegisterReply reply;
   const size_t bytes = r.bytes_per_version();
   const size_t slot_bytes = SlotBytes(bytes);
+  if (ranks_.empty() && committed_version_ < 0) AdoptSurvivingRanks(r.rank(), r.world_size());
+  if (!ranks_.count(r.rank())) DropAdoptedStrangers();
   auto existing = ranks_.find(r.rank());
   if (existing != ranks_.end()) {
     RankState& st = existing->second;
@@ -545,6 +550,7 @@ StatusOr<proto::RegisterReply> Snapshotd::DoRegister(int fd, const proto::Regist
       conn_rank_.erase(st.conn);
     }
     st.conn = fd;
+    st.adopted = false;
     conn_rank_[fd] = r.rank();
     for (const Slot& s : st.slots) reply.add_shm_names(s.shm_name);
     reply.set_slot_bytes(slot_bytes);
@@ -567,6 +573,104 @@ StatusOr<proto::RegisterReply> Snapshotd::DoRegister(int fd, const proto::Regist
              r.world_size(), bytes, reattached_all ? " (existing shared memory)" : "");
   if (committed_version_ < 0 || recovered_) RecoverFromSlots();
   return reply;
+}
+
+void Snapshotd::AdoptSurvivingRanks(int registering, int world) {
+  if (options_.expected_local_ranks <= 1) return;  // one rank: it registers itself
+  // Which ranks of this world left both slots here, each with a manifest room this run wrote.
+  std::map<int, size_t> found;  // rank -> bytes_per_version
+  for (int rank = 0; rank < world; ++rank) {
+    size_t bytes = 0;
+    bool ok = true;
+    for (int i = 0; i < 2 && ok; ++i) {
+      const std::string name = SlotShmName(shm_run_, rank, i);
+      const int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+      if (fd < 0) {
+        ok = false;
+        break;
+      }
+      struct stat sb {};
+      ok = ::fstat(fd, &sb) == 0 && static_cast<size_t>(sb.st_size) > kManifestRoomBytes &&
+           (static_cast<size_t>(sb.st_size) - kManifestRoomBytes) % kSlotAlign == 0;
+      void* room = MAP_FAILED;
+      if (ok) {
+        room = ::mmap(nullptr, kManifestRoomBytes, PROT_READ, MAP_SHARED, fd,
+                      static_cast<off_t>(sb.st_size - kManifestRoomBytes));
+      }
+      ::close(fd);
+      if (room == MAP_FAILED) {
+        ok = false;
+        break;
+      }
+      // The room read as the slot of a version of zero data bytes: it starts the mapping.
+      auto m = ReadSlotManifest(static_cast<const uint8_t*>(room), 0);
+      ::munmap(room, kManifestRoomBytes);
+      if (!m.ok()) continue;  // never written (a slot not used yet): the other decides
+      ok = m->run() == options_.run && m->world_size() == world && m->ranks_size() == 1 &&
+           m->ranks(0).rank() == rank &&
+           SlotBytes(m->ranks(0).bytes_per_version()) == static_cast<size_t>(sb.st_size) &&
+           (bytes == 0 || bytes == m->ranks(0).bytes_per_version());
+      bytes = m->ranks(0).bytes_per_version();
+    }
+    if (ok && bytes > 0) found[rank] = bytes;
+  }
+  // Only the exact set a restarted snapshotd expects: anything else is not this node's ranks
+  // of this launch (e.g. a relaunch mapped ranks to nodes differently), and they register.
+  if (static_cast<int>(found.size()) != options_.expected_local_ranks ||
+      !found.count(registering)) {
+    return;
+  }
+  for (const auto& [rank, bytes] : found) {
+    bool reattached = false;
+    StatusOr<RankState*> st = OpenRank(rank, world, bytes, &reattached);
+    if (!st.ok()) {
+      STRATA_LOG(WARN, CKPT, "snapshotd: adopting rank {}'s surviving slots: {}", rank,
+                 st.status().ToString());
+      for (auto& [r, rs] : ranks_) {
+        for (Slot& s : rs.slots) {
+          if (s.base != nullptr) ::munmap(s.base, SlotBytes(rs.bytes_per_version));
+        }
+      }
+      ranks_.clear();
+      world_size_ = 0;
+      return;
+    }
+    (*st)->adopted = true;
+  }
+  STRATA_LOG(INFO, CKPT, "snapshotd: found the shared memory of all {} local ranks of a "
+                         "snapshotd that served this run before; adopting it",
+             found.size());
+  RecoverFromSlots();
+}
+
+void Snapshotd::DropAdoptedStrangers() {
+  // A rank registering that was not adopted, on a node that has all its expected ranks: the
+  // adopted ranks that never registered are not this launch's ranks here. Forget them (their
+  // shared memory stays until the run finishes) and recover from the ranks that are.
+  if (options_.expected_local_ranks <= 0 ||
+      static_cast<int>(ranks_.size()) < options_.expected_local_ranks) {
+    return;
+  }
+  bool dropped = false;
+  for (auto it = ranks_.begin(); it != ranks_.end();) {
+    if (!it->second.adopted) {
+      ++it;
+      continue;
+    }
+    STRATA_LOG(WARN, CKPT, "snapshotd: rank {} left shared memory here but another rank "
+                           "registered in its place; not counting it", it->first);
+    for (Slot& s : it->second.slots) {
+      if (s.base != nullptr) ::munmap(s.base, SlotBytes(it->second.bytes_per_version));
+    }
+    it = ranks_.erase(it);
+    dropped = true;
+  }
+  if (dropped) {
+    committed_version_ = -1;
+    committed_.Clear();
+    recovered_ = false;
+    for (auto& [rank, st] : ranks_) st.committed_slot = -1;
+  }
 }
 
 void Snapshotd::RecoverFromSlots() {

@@ -109,6 +109,7 @@ class Snapshotd {
     Slot slots[2];
     int committed_slot = -1;  // slot holding the newest committed version
     int conn = -1;            // fd of the connection that registered it, -1: none
+    bool adopted = false;     // found in shared memory (AdoptSurvivingRanks), not registered yet
   };
   struct PersistJob {
     proto::SnapshotManifest manifest;
@@ -143,6 +144,15 @@ class Snapshotd {
   // Adopts a committed version recorded in reattached slots' manifest rooms (a snapshotd that
   // restarted while the shared memory survived).
   void RecoverFromSlots();
+  // A snapshotd that replaced one mid-run (it hung or died while the trainers went on) sees
+  // one rank register first, while the others are in the middle of a step. Waiting for all of
+  // them before recovering can deadlock: the first rank's next snapshot cannot commit, and the
+  // others wait for it in a collective. So at the first registration it opens the slots of all
+  // the node's ranks from the shared memory they left, when it finds exactly the expected
+  // number of them, and recovers from those.
+  void AdoptSurvivingRanks(int registering, int world);
+  // Forgets adopted ranks that never registered once another rank registers in their place.
+  void DropAdoptedStrangers();
   // The newest complete version on disk (<= max_version when that is > 0).
   StatusOr<proto::LatestReply> LatestFromDisk(int64_t max_version) const;
   void PersistLoop();

@@ -447,6 +447,86 @@ TEST_F(SnapshotTest, KilledServerGivesUnavailableNotAHangAndSurvivingMemoryIsRec
   EXPECT_EQ(n0->Latest()->version, 3);
 }
 
+// A snapshotd replaced in the middle of a run (it hung and a rank killed it): one rank comes to
+// the new one while the other is still in a step, and its snapshot must commit without waiting
+// for the other to register (that rank may be waiting for it in a collective).
+TEST_F(SnapshotTest, ServerReplacedMidRunAdoptsEveryLocalRankFromSharedMemory) {
+  options_.expected_local_ranks = 2;
+  const pid_t pid = StartServerAndWait(options_);
+  auto r0 = Client(0);
+  auto r1 = Client(1);
+  ASSERT_TRUE(r0 && r1);
+  for (int64_t v = 1; v <= 2; ++v) {
+    ASSERT_TRUE(Snapshot(*r0, 0, v).ok());
+    ASSERT_TRUE(Snapshot(*r1, 1, v).ok());
+  }
+  ASSERT_TRUE(Snapshot(*r1, 1, 3).ok());  // rank 1 published v3; rank 0's v3 never got there
+  EXPECT_FALSE(r1->last_publish_committed());
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  EXPECT_EQ(WaitServer(pid, 5), -2);
+
+  StartServerAndWait(options_);
+  auto patient = SnapshotClient::Connect(options_.socket_path,
+                                         SnapshotClient::Options{.rpc_timeout_s = 5,
+                                                                 .begin_timeout_s = 2});
+  ASSERT_TRUE(patient.ok());
+  ASSERT_TRUE((*patient)->Register(0, 2, kBytes).ok());
+  EXPECT_TRUE((*patient)->reattached());
+  auto latest = (*patient)->Latest();
+  ASSERT_TRUE(latest.ok() && latest->found) << latest.status();
+  EXPECT_EQ(latest->version, 2) << "v2 is recovered before rank 1 registers";
+  ExpectData(**patient, *latest, 1, 2);
+  // Rank 0 redoes v3: it commits with the v3 rank 1 left in its slot.
+  const Status redo = Snapshot(**patient, 0, 3);
+  ASSERT_TRUE(redo.ok()) << redo;
+  EXPECT_TRUE((*patient)->last_publish_committed());
+  auto v3 = (*patient)->Latest();
+  ASSERT_TRUE(v3.ok() && v3->found);
+  EXPECT_EQ(v3->version, 3);
+  ExpectData(**patient, *v3, 0, 3);
+  ExpectData(**patient, *v3, 1, 3);
+  // Rank 1 comes back (its old connection died with the old server) and both go on.
+  EXPECT_EQ(Snapshot(*r1, 1, 4).code(), StatusCode::kUnavailable);
+  auto n1 = Client(1);
+  ASSERT_TRUE(n1);
+  EXPECT_TRUE(n1->reattached());
+  ASSERT_TRUE(Snapshot(**patient, 0, 4).ok());
+  ASSERT_TRUE(Snapshot(*n1, 1, 4).ok());
+  EXPECT_TRUE(n1->last_publish_committed());
+  EXPECT_EQ(n1->Latest()->version, 4);
+}
+
+// What a new snapshotd adopts must be this launch's ranks of the node: when a relaunch puts
+// another rank here, the adopted rank that never registers is dropped, not waited for.
+TEST_F(SnapshotTest, AdoptedRankReplacedByAnotherIsNotWaitedFor) {
+  options_.expected_local_ranks = 2;
+  const pid_t pid = StartServerAndWait(options_);
+  {
+    auto r0 = Client(0, 3);
+    auto r1 = Client(1, 3);
+    ASSERT_TRUE(r0 && r1);
+    ASSERT_TRUE(Snapshot(*r0, 0, 1).ok());
+    ASSERT_TRUE(Snapshot(*r1, 1, 1).ok());
+    EXPECT_TRUE(r1->last_publish_committed());
+  }
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  EXPECT_EQ(WaitServer(pid, 5), -2);
+  StartServerAndWait(options_);
+  auto n0 = Client(0, 3);  // adopts ranks 0 and 1
+  auto n2 = Client(2, 3);  // but this launch put rank 2 here instead of rank 1
+  ASSERT_TRUE(n0 && n2);
+  ASSERT_TRUE(Snapshot(*n0, 0, 2).ok());
+  ASSERT_TRUE(Snapshot(*n2, 2, 2).ok());
+  EXPECT_TRUE(n2->last_publish_committed()) << "rank 1 must not be waited for";
+  auto v2 = n0->Latest();
+  ASSERT_TRUE(v2.ok() && v2->found);
+  EXPECT_EQ(v2->version, 2);
+  ASSERT_EQ(v2->manifest.ranks_size(), 2);
+  EXPECT_EQ(v2->manifest.ranks(0).rank(), 0);
+  EXPECT_EQ(v2->manifest.ranks(1).rank(), 2);
+  ExpectData(*n0, *v2, 2, 2);
+}
+
 TEST_F(SnapshotTest, FinishRemovesSharedMemoryAndSocket) {
   const pid_t pid = StartServerAndWait(options_);
   auto r0 = Client(0);
