@@ -170,6 +170,11 @@ struct EcPeer::Version {
   bool done_sent = false;
   std::vector<std::optional<proto::EcParityDone>> done;
   bool group_committed = false;
+  // This node's part could not be delivered (a peer unreachable, or silent past the timeout):
+  // the version cannot group-commit, and snapshotd may withdraw it (StalledLocal).
+  bool stalled = false;
+  bool announced = false;  // every other node of the group took this node's announce
+  int64_t submitted_ns = 0;
   int readers = 0;       // threads using segments / parity outside mu_
   bool dropped = false;  // out of versions_; retire once readers == 0
   bool retired = false;
@@ -422,6 +427,9 @@ void EcPeer::SubmitLocal(int64_t version, proto::EcNodeManifest manifest,
     std::shared_ptr<Version> v = GetOrMake(version);
     v->local = true;
     v->nonce = nonce;
+    v->stalled = false;
+    v->announced = false;
+    v->submitted_ns = NowNs();
     v->segments = std::move(segments);
     v->manifests[li_].reset();
     size_t total = 0;
@@ -441,9 +449,13 @@ void EcPeer::SubmitLocal(int64_t version, proto::EcNodeManifest manifest,
 }
 
 void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest) {
+  // The segments are read (held as a reader) for the CRC, done by now, and for the pieces, but
+  // not while the announces wait on peers: a version withdrawn meanwhile (a peer unreachable)
+  // gives its slots back at once instead of after the exchange timeout.
+  bool reading = true;
   auto finish = [&] {
     std::lock_guard<std::mutex> lock(mu_);
-    --v->readers;
+    if (reading) --v->readers;
     Retire(*v);
   };
   // 1. Announce to self and to every other node of the group.
@@ -456,25 +468,43 @@ void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest
     InstallAnnounce(*v, li_, manifest);
     v->local_ready = true;
     Progress(lock, v);
+    --v->readers;
+    reading = false;
   }
   proto::EcPeerRequest ann;
   *ann.mutable_announce()->mutable_manifest() = manifest;
+  // A peer that stays unreachable is retried for io_timeout_ms (it may be restarting), unless
+  // the group is already degraded: then the first failure gives this version up.
   const int64_t deadline = NowNs() + static_cast<int64_t>(options_.io_timeout_ms) * 1000000;
-  for (int j = 0; j < n_; ++j) {
+  bool announced = true;
+  for (int j = 0; j < n_ && announced; ++j) {
     if (j == li_) continue;
     for (;;) {
       proto::EcPeerReply reply;
       Status st = SendToPeer(j, ann, nullptr, 0, 0, &reply);
       if (st.ok()) st = ReplyStatus(reply);
       if (st.ok()) break;
-      if (stop_.load() || NowNs() > deadline) {
-        STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {} not announced to node {}: {}",
-                   options_.node, v->version, GroupNode(j), st.ToString());
+      bool give_up = stop_.load() || NowNs() > deadline;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        give_up = give_up || v->dropped || degraded_;
+        if (give_up && !v->dropped && !stop_.load()) {
+          MarkStalled(*v, fmt::format("not announced to node {}: {}", GroupNode(j),
+                                      st.ToString()));
+        }
+      }
+      if (give_up) {
+        announced = false;
         break;
       }
       ::usleep(50000);
     }
   }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    v->announced = announced;
+  }
+  if (!announced) return finish();
   // 2. Wait until every node announced: then B and P are known.
   std::vector<EcSegment> segs;
   size_t P = 0, own = 0;
@@ -484,13 +514,12 @@ void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest
         lock, std::chrono::steady_clock::now() + std::chrono::milliseconds(options_.io_timeout_ms),
         [&] { return stop_.load() || v->dropped || v->layout_known; });
     if (!ready || stop_.load() || v->dropped || v->nonce != manifest.nonce()) {
-      if (!ready) {
-        STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {}: not every node of the group "
-                               "announced it; it stays unprotected", options_.node, v->version);
-      }
+      if (!ready) MarkStalled(*v, "not every node of the group announced it");
       lock.unlock();
       return finish();
     }
+    ++v->readers;
+    reading = true;
     segs = v->segments;
     P = v->P;
     own = manifest.node_bytes();
@@ -519,8 +548,11 @@ void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest
         Status st = SendToPeer(target, req, segs.data(), segs.size(), off, &reply, len);
         if (st.ok()) st = ReplyStatus(reply);
         if (!st.ok()) {
-          STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {} piece {} to node {}: {}",
-                     options_.node, v->version, d, GroupNode(target), st.ToString());
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!v->dropped && !stop_.load()) {
+            MarkStalled(*v, fmt::format("piece {} to node {}: {}", d, GroupNode(target),
+                                        st.ToString()));
+          }
           return;
         }
       }
@@ -677,8 +709,50 @@ void EcPeer::MaybeGroupCommit(const std::shared_ptr<Version>& v) {
   MarkGroupCommitted(v);
 }
 
+void EcPeer::MarkStalled(Version& v, const std::string& why) {
+  v.stalled = true;
+  if (!degraded_) {
+    STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {} cannot commit across the group ({}); "
+                           "until the group answers again, versions stay on this node only and "
+                           "the last group-committed one ({}) keeps its parity",
+               options_.node, v.version, why, group_version_);
+  } else {
+    STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: version {} stalled: {}", options_.node,
+               v.version, why);
+  }
+  degraded_ = true;
+  if (wake_) wake_();
+}
+
+std::vector<int64_t> EcPeer::StalledLocal() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<int64_t> out;
+  // Delivered but never completed (a peer that died after taking the pieces) counts too, once
+  // twice the exchange timeout has passed.
+  const int64_t late = NowNs() - 2 * static_cast<int64_t>(options_.io_timeout_ms) * 1000000;
+  for (const auto& [ver, v] : versions_) {
+    // Once degraded, a version whose announces have not gone through yet is not waited for
+    // (against a silent peer they would take the exchange timeout each).
+    if (v->local && !v->group_committed && !v->dropped &&
+        (v->stalled || v->submitted_ns < late || (degraded_ && !v->announced))) {
+      out.push_back(ver);
+    }
+  }
+  return out;
+}
+
+bool EcPeer::degraded() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return degraded_;
+}
+
 void EcPeer::MarkGroupCommitted(const std::shared_ptr<Version>& v) {
   v->group_committed = true;
+  if (degraded_) {
+    STRATA_LOG(WARN, CKPT, "snapshotd node {}: version {} committed across the group again",
+               options_.node, v->version);
+    degraded_ = false;
+  }
   Recycle(*v);
   if (v->version > group_version_) group_version_ = v->version;
   std::vector<int64_t> older;
@@ -701,6 +775,12 @@ std::vector<int64_t> EcPeer::TakeReleased() {
   std::vector<int64_t> out;
   out.swap(released_);
   return out;
+}
+
+void EcPeer::WithdrawVersion(int64_t version) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = versions_.find(version);
+  if (it != versions_.end() && !it->second->group_committed) DetachLocal(version);
 }
 
 void EcPeer::Withdraw(int64_t keep) {

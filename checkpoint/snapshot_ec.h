@@ -173,6 +173,16 @@ class EcPeer {
   // Forgets local versions > `keep` that are not group-committed (a restarted trainer redoing
   // them); they come back through TakeReleased.
   void Withdraw(int64_t keep);
+  // Forgets one local version that is not group-committed (a stalled one, see StalledLocal).
+  void WithdrawVersion(int64_t version);
+  // Local versions, not group-committed, that cannot commit across the group: this node's
+  // announce or pieces could not be delivered (after io_timeout_ms of retries, or at the first
+  // failure once the group is degraded), or, once degraded, not announced to every node yet,
+  // or they were handed over 2 * io_timeout_ms ago and the group never completed them.
+  // Ascending.
+  std::vector<int64_t> StalledLocal() const;
+  // Some local version stalled since the last group commit.
+  bool degraded() const;
 
   // Newest group-committed version, -1 when none.
   int64_t group_version() const;
@@ -244,6 +254,7 @@ class EcPeer {
   // group-commits first.
   void RebuildParityLater(const std::shared_ptr<Version>& v, std::vector<bool> present);
   void MarkGroupCommitted(const std::shared_ptr<Version>& v);  // mu_ held
+  void MarkStalled(Version& v, const std::string& why);         // mu_ held
   // EcStateRequest to every other node of the group: its reply, or nullopt when unreachable.
   std::vector<std::optional<proto::EcStateReply>> QueryStates(int* reachable);
   // By group index: the nodes whose `states` say they hold `version`'s data and all its parity.
@@ -292,6 +303,7 @@ class EcPeer {
   std::condition_variable cv_;
   std::map<int64_t, std::shared_ptr<Version>> versions_;
   int64_t group_version_ = -1;
+  bool degraded_ = false;  // a local version stalled since the last group commit
   std::vector<int64_t> released_;
   std::vector<std::vector<uint8_t>> spare_;  // piece buffers of finished versions
   int active_ = 0;  // detached threads (connection handlers, senders) still running

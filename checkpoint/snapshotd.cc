@@ -186,6 +186,7 @@ Status Snapshotd::Run() {
     eo.listen = options_.listen;
     eo.shm_run = shm_run_;
     eo.threads = options_.ec_threads;
+    if (options_.ec_io_timeout_ms > 0) eo.io_timeout_ms = options_.ec_io_timeout_ms;
     const int wake_fd = wake_pipe_[1];
     auto ec = EcPeer::Create(std::move(eo), [wake_fd] {
       const char c = 'e';
@@ -737,6 +738,7 @@ StatusOr<proto::BeginVersionReply> Snapshotd::DoBegin(RankState& st,
         "BeginVersion({}): version {} is already committed; versions must increase", v,
         committed_version_));
   }
+  if (ec_) WithdrawStalled();
   int best = -1;
   std::string why;
   for (int i = 0; i < 2; ++i) {
@@ -991,6 +993,55 @@ void Snapshotd::SubmitToEc() {
   *em.mutable_ranks() = committed_.ranks();
   ec_local_[committed_version_] = std::move(local);
   ec_->SubmitLocal(committed_version_, std::move(em), std::move(segments));
+}
+
+void Snapshotd::WithdrawStalled() {
+  ProcessEc();
+  const std::vector<int64_t> stalled = ec_->StalledLocal();
+  if (stalled.empty()) return;
+  // Older local versions that will never group-commit only hold slots: let them go.
+  for (int64_t w : stalled) {
+    if (w < committed_version_ && w > group_version_) ec_->WithdrawVersion(w);
+  }
+  // The newest local version, when it is stalled and the other slot of every rank holds the
+  // group-committed version: one of the two must go for the next version to have a slot. The
+  // group-committed one stays: it is what every node can resume from, parity included.
+  if (committed_version_ <= group_version_ || group_version_ < 0 ||
+      !std::binary_search(stalled.begin(), stalled.end(), committed_version_)) {
+    return;
+  }
+  STRATA_LOG(INFO, CKPT, "snapshotd node {}: version {} withdrawn (it cannot commit across the "
+                         "group); back to group-committed version {}",
+             options_.node, committed_version_, group_version_);
+  const int64_t withdrawn = committed_version_;
+  ec_->Withdraw(group_version_);
+  for (auto& [rank, st] : ranks_) {
+    st.committed_slot = -1;
+    for (const auto& rk : group_manifest_.ranks()) {
+      if (rk.rank() == rank) st.committed_slot = rk.slot();
+    }
+    for (int i = 0; i < 2; ++i) {
+      Slot& s = st.slots[i];
+      if (s.version != withdrawn || i == st.committed_slot) continue;
+      // No longer a version of this node: a restarted snapshotd must not find it committed.
+      s.published = false;
+      s.sections.clear();
+      proto::SnapshotManifest m;
+      m.set_run(options_.run);
+      m.set_version(withdrawn);
+      m.set_world_size(st.world_size);
+      m.set_committed(false);
+      proto::RankSnapshot* rk = m.add_ranks();
+      rk->set_rank(rank);
+      rk->set_shm_name(s.shm_name);
+      rk->set_slot(i);
+      rk->set_bytes_per_version(st.bytes_per_version);
+      Status w = WriteSlotManifest(s.base, st.bytes_per_version, m);
+      if (!w.ok()) STRATA_LOG(WARN, CKPT, "snapshotd: slot manifest: {}", w.ToString());
+    }
+  }
+  committed_version_ = group_version_;
+  committed_ = group_manifest_;
 }
 
 void Snapshotd::ProcessEc() {

@@ -66,6 +66,7 @@ struct SnapshotdOptions {
   std::string shm_tag;             // appended to the run in shm names ("<run>.<tag>"): lets
                                    // several nodes' snapshotds share one machine (tests)
   int ec_threads = 2;              // ISA-L encode/decode threads
+  int ec_io_timeout_ms = 0;        // one exchange with a peer snapshotd; 0: EcOptions' default
 };
 
 // Resolves the default socket path.
@@ -132,6 +133,10 @@ class Snapshotd {
   // group commits and released versions back, and installs a version rebuilt from peers.
   void SubmitToEc();
   void ProcessEc();
+  // A peer snapshotd unreachable (or silent) must not stop the trainers: versions that cannot
+  // commit across the group (EcPeer::StalledLocal) give their slots back, and when the newest
+  // one is such a version it is withdrawn in favour of the group-committed one.
+  void WithdrawStalled();
   // The slots a rebuilt version of this node goes to (each rank's uncommitted one; ranks not
   // registered yet are opened), as segments in node-buffer order, and (when `slots` is given)
   // the Slot of each, same order.

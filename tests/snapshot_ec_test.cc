@@ -145,6 +145,7 @@ class Cluster {
     o.ec_k = k_;
     o.ec_m = m_;
     o.shm_tag = fmt::format("n{}", i);
+    o.ec_io_timeout_ms = io_timeout_ms_;
     if (persist_) {
       o.persist_dir = (dir_ / fmt::format("disk-n{}", i)).string();
       o.persist_every = 1;
@@ -268,6 +269,7 @@ class Cluster {
   int n_, k_, m_;
   size_t (*bytes_)(int);
   bool persist_ = false;
+  int io_timeout_ms_ = 0;  // 0: the default
   std::string run_;
   fs::path dir_;
   std::vector<std::string> peers_;
@@ -502,6 +504,65 @@ TEST(SnapshotEc, NodeDyingBetweenLocalAndGroupCommitLeavesPreviousVersion) {
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(i), i, 2)), ref[i]) << "node " << i;
   }
+}
+
+// The snapshotd of one node stops answering its peers while the trainers go on (here it is
+// gone; a network cut between snapshotds looks the same to the others). The other node's ranks
+// must not wait for it: their versions stay local, the group-committed one stays protected and
+// readable, and group commits resume when the peer is back.
+// `silent`: something still accepts connections on the peer's port but never answers (a
+// hung process) instead of nothing listening.
+void PeerGoneAndBack(bool silent) {
+  Cluster c(2, 1, 1);
+  c.io_timeout_ms_ = 500;
+  c.StartAll();
+  c.WriteAll(1);
+  c.WaitGroupAll(1);
+  c.Kill(1);
+  int hung = -1;
+  if (silent) {
+    const int port = std::stoi(c.peers_[1].substr(c.peers_[1].rfind(':') + 1));
+    hung = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const int one = 1;
+    ::setsockopt(hung, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    ASSERT_EQ(::bind(hung, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0) << errno;
+    ASSERT_EQ(::listen(hung, 64), 0);
+  }
+  for (int64_t v = 2; v <= 6; ++v) c.Write(0, v);  // each Write asserts BeginVersion succeeded
+  if (hung >= 0) ::close(hung);
+  auto l = c.Latest(0);
+  ASSERT_TRUE(l.ok()) << l.status();
+  EXPECT_EQ(l->version, 1) << "the version every node can resume from, parity included";
+  EXPECT_TRUE(l->parity_protected);
+  c.ExpectBitwise(0, *l, 1);
+  // Node 1 comes back (empty: rebuilt from node 0), and the next version commits group-wide.
+  c.Start(1);
+  auto l1 = c.Latest(1);
+  ASSERT_TRUE(l1.ok()) << l1.status();
+  EXPECT_TRUE(l1->rebuilt);
+  EXPECT_EQ(l1->version, 1);
+  c.ExpectBitwise(1, *l1, 1);
+  c.WriteAll(7);
+  c.WaitGroupAll(7);
+  const auto ref = c.ReferenceParity(7);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(ReadShm(EcParityShmName(c.ShmRun(i), i, 7)), ref[i]) << "node " << i;
+    auto li = c.Latest(i);
+    ASSERT_TRUE(li.ok());
+    c.ExpectBitwise(i, *li, 7);
+  }
+}
+
+TEST(SnapshotEc, UnreachablePeerDoesNotStopSnapshotsAndGroupCommitsResume) {
+  PeerGoneAndBack(/*silent=*/false);
+}
+
+TEST(SnapshotEc, SilentPeerDoesNotStopSnapshotsAndGroupCommitsResume) {
+  PeerGoneAndBack(/*silent=*/true);
 }
 
 TEST(SnapshotEc, MoreThanMLostFallsBackToDiskAndSaysWhy) {
