@@ -44,6 +44,11 @@ constexpr EnvVar kEnvVars[] = {
      "0 = always block."},
     {"STRATA_SEGMENT_BYTES", "262144",
      "Collectives cut messages into segments of this many bytes."},
+    {"STRATA_SNAPSHOTD_PEER_TIMEOUT_S", "30",
+     "Seconds a snapshotd started by strata train gives one exchange with another node's "
+     "snapshotd (and retries an unreachable one) before that version counts as unable to commit "
+     "across the group; training then goes on with snapshots on each node only until the group "
+     "answers again."},
     {"STRATA_SNAPSHOTD_RPC_TIMEOUT_S", "30",
      "Seconds strata train waits for its snapshotd to answer one request; past it the snapshotd "
      "counts as hung and is killed and replaced (it recovers its versions from shared memory)."},

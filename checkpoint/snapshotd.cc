@@ -1348,6 +1348,10 @@ Status EnsureSnapshotd(const SnapshotdOptions& options, const std::string& strat
     }
     if (!options.listen.empty()) args.insert(args.end(), {"--listen", options.listen});
     if (!options.shm_tag.empty()) args.insert(args.end(), {"--shm-tag", options.shm_tag});
+    if (options.ec_io_timeout_ms > 0) {
+      args.insert(args.end(),
+                  {"--peer-timeout", fmt::format("{}", options.ec_io_timeout_ms / 1000.0)});
+    }
   }
   args.insert(args.end(), {"--idle-timeout", fmt::format("{}", options.idle_timeout_s),
                            "--expected-local-ranks",

@@ -31,6 +31,7 @@ void AddSnapshotdCommand(CLI::App& root, std::vector<Command>& commands) {
     checkpoint::SnapshotdOptions options;
     std::vector<std::string> peers;
     std::string ec;
+    double peer_timeout_s = 30;
     bool json = false;
   };
   auto args = std::make_shared<Args>();
@@ -90,11 +91,19 @@ void AddSnapshotdCommand(CLI::App& root, std::vector<Command>& commands) {
   app->add_option("--shm-tag", args->options.shm_tag,
                   "Added to the shared-memory names (<run>.<tag>) so several nodes' snapshotds "
                   "can share one machine (tests, single-host trials)");
+  app->add_option("--peer-timeout", args->peer_timeout_s,
+                  "Seconds one exchange with another node's snapshotd may take, and how long an "
+                  "unreachable one is retried; past it that version cannot commit across the "
+                  "group, and snapshots go on on this node only (the last group-committed version "
+                  "keeps its parity) until the group answers again")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   app->add_option("--ec-threads", args->options.ec_threads, "Erasure-coding threads")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
   app->add_flag("--json", args->json, "Print a one-line JSON summary on exit");
   commands.push_back({app, [args]() -> int {
+    args->options.ec_io_timeout_ms = static_cast<int>(args->peer_timeout_s * 1000);
     for (const std::string& p : args->peers) {
       size_t start = 0;
       while (start <= p.size()) {

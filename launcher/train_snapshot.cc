@@ -138,6 +138,8 @@ checkpoint::SnapshotdOptions TrainSnapshotter::DaemonOptions() const {
     so.node = opts_.node;
     so.ec_k = opts_.ec_k;
     so.ec_m = opts_.ec_m;
+    so.ec_io_timeout_ms =
+        static_cast<int>(EnvIntInRange("STRATA_SNAPSHOTD_PEER_TIMEOUT_S", 1, 3600) * 1000);
   }
   return so;
 }

@@ -367,6 +367,7 @@ TEST(EnvTest, RegistryIsSortedAndComplete) {
       {"STRATA_ALLREDUCE_TABLE", ""},     {"STRATA_TCP_SPIN_US", "50"},
       {"STRATA_POOL_SPIN_US", "100"},     {"STRATA_COMM_SPIN_MS", "50"},
       {"STRATA_CUDA_PLUGIN", ""},         {"STRATA_SNAPSHOTD_RPC_TIMEOUT_S", "30"},
+      {"STRATA_SNAPSHOTD_PEER_TIMEOUT_S", "30"},
   };
   EXPECT_EQ(vars.size(), std::size(expected));
   for (const Expected& e : expected) {

@@ -16,7 +16,11 @@
 #     the other nodes' parity;
 #  5. a snapshotd is SIGKILLed while training runs: the node's ranks start a new one and
 #     snapshots go on being erasure-coded, so a later rank crash resumes from a version taken
-#     after the kill.
+#     after the kill;
+#  6. node 2's snapshotd is cut off from its peers while MPI keeps working (an `ip rule ...
+#     prohibit` on the snapshotd port in every namespace): training goes on with snapshots kept
+#     on each node, erasure coding resumes once the cut is lifted, and a later rank crash resumes
+#     from a version taken after that, with the losses of an unbroken run.
 # Exits 77 (CTest: skipped) when network namespaces cannot be created here.
 #   train_ec_fault_test.sh STRATA_BINARY SOURCE_DIR
 set -euo pipefail
@@ -26,7 +30,7 @@ TAG="ec$$"
 export STRATA_NETNS_PREFIX="$TAG-h" STRATA_NETNS_STATE="/tmp/strata-netns-$TAG"
 CLUSTER="$SRC/scripts/netns-cluster.sh"
 WORK="$(mktemp -d /tmp/strata-train-ec-fault-XXXXXX)"
-RUNS=("$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d" "$TAG-e")
+RUNS=("$TAG-a" "$TAG-b" "$TAG-c" "$TAG-d" "$TAG-e" "$TAG-f")
 BG=""  # pid of a launch running in the background
 
 cleanup() {
@@ -177,4 +181,63 @@ step=$(sed -n 's/.* resumed after step \([0-9]*\) from .*/\1/p' "$WORK/live-snap
          "$killed_after (resumed after step $step)"; cat "$WORK/live.err"; exit 1; }
 echo "train_ec_fault_test: node 2's snapshotd killed after step $killed_after; snapshots went on" \
      "(resumed after step $step)"
+
+# 6. Node 2's snapshotd cut off from the other snapshotds (not from MPI) for a while.
+LONG_STEPS=1500
+LONG=(--model "$WORK/model" --data "$WORK/corpus.txt" --steps $LONG_STEPS --batch 6 --seq 32
+      --lr 3e-3 --warmup 1 --json --threads 1)
+timeout 120 "$CLUSTER" run $NODES $SLOTS -- "$STRATA" train "${LONG[@]}" --snapshot-every 0 \
+  > "$WORK/long-full.jsonl" 2> /dev/null
+STRATA_SNAPSHOTD_PEER_TIMEOUT_S=2 timeout 120 "$CLUSTER" run $NODES $SLOTS -- "$STRATA" train \
+  "${LONG[@]}" --run "$TAG-f" --fail-at-step 1400 --fail-rank 2 \
+  > "$WORK/cut.jsonl" 2> "$WORK/cut.err" &
+BG=$!
+until [[ $(grep -c '"step"' "$WORK/cut.jsonl" 2> /dev/null || true) -ge 30 ]]; do
+  kill -0 "$BG" 2> /dev/null || break
+  sleep 0.01
+done
+port=$(sed -n 's/.*snapshotd peers [0-9.]*:\([0-9]*\),.*/\1/p' "$WORK/cut.err" | head -1)
+[[ -n "$port" ]] || { echo "train_ec_fault_test: no snapshotd port in:"; cat "$WORK/cut.err"; exit 1; }
+for i in 1 3; do
+  ip netns exec "$STRATA_NETNS_PREFIX$i" ip rule add to 198.18.0.2 ipproto tcp dport "$port" prohibit
+done
+ip netns exec "${STRATA_NETNS_PREFIX}2" ip rule add ipproto tcp dport "$port" prohibit
+cut_at=$(grep -c '"step"' "$WORK/cut.jsonl" || true)
+until [[ $(grep -c '"step"' "$WORK/cut.jsonl" 2> /dev/null || true) -ge $((cut_at + 300)) ]]; do
+  kill -0 "$BG" 2> /dev/null || break
+  sleep 0.01
+done
+healed_at=$(grep -c '"step"' "$WORK/cut.jsonl" || true)
+for i in 1 2 3; do
+  ip netns exec "$STRATA_NETNS_PREFIX$i" ip rule del ipproto tcp dport "$port" prohibit 2> /dev/null ||
+    ip netns exec "$STRATA_NETNS_PREFIX$i" ip rule del to 198.18.0.2 ipproto tcp dport "$port" prohibit
+done
+if wait "$BG"; then
+  BG=""; echo "train_ec_fault_test: the run survived its rank crash"; cat "$WORK/cut.err"; exit 1
+fi
+BG=""
+((healed_at > cut_at + 200 && healed_at < 1400)) ||
+  { echo "train_ec_fault_test: training stopped while the snapshotds were cut off (cut after step" \
+         "$cut_at, $healed_at steps when lifted)"; cat "$WORK/cut.err"; exit 1; }
+grep -q "cannot commit across the group" /tmp/strata-snapshotd-"$TAG-f".*log ||
+  { echo "train_ec_fault_test: no snapshotd noticed the cut"; cat /tmp/strata-snapshotd-"$TAG-f".*log; exit 1; }
+STRATA_SNAPSHOTD_PEER_TIMEOUT_S=2 timeout 120 "$CLUSTER" run $NODES $SLOTS -- "$STRATA" train \
+  "${LONG[@]}" --run "$TAG-f" --resume auto > "$WORK/cut-resumed.jsonl" 2> "$WORK/cut-resumed.err" ||
+  { cat "$WORK/cut-resumed.err"; exit 1; }
+step=$(sed -n 's/.* resumed after step \([0-9]*\) from snapshotd memory.*/\1/p' "$WORK/cut-resumed.err" | head -1)
+[[ -n "$step" ]] && ((step > healed_at)) ||
+  { echo "train_ec_fault_test: erasure-coded snapshots did not resume after the cut was lifted" \
+         "at step $healed_at:"; cat "$WORK/cut-resumed.err"; exit 1; }
+/usr/bin/python3 - "$WORK/long-full.jsonl" "$WORK/cut.jsonl" "$WORK/cut-resumed.jsonl" "$step" "$LONG_STEPS" <<'PY'
+import json, sys
+full = {r["step"]: r["loss"] for r in map(json.loads, open(sys.argv[1]))}
+before = {r["step"]: r["loss"] for r in map(json.loads, open(sys.argv[2]))}
+after = {r["step"]: r["loss"] for r in map(json.loads, open(sys.argv[3]))}
+first, steps = int(sys.argv[4]) + 1, int(sys.argv[5])
+assert sorted(after) == list(range(first, steps + 1)), sorted(after)
+for s, loss in list(before.items()) + list(after.items()):
+    assert loss == full[s], f"step {s}: {loss!r}, unbroken {full[s]!r}"
+PY
+echo "train_ec_fault_test: snapshotds cut off after step $cut_at, lifted after step $healed_at;" \
+     "training went on, and resumed after step $step with the losses of an unbroken run"
 echo "train_ec_fault_test: passed"
