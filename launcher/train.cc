@@ -376,7 +376,7 @@ int RunTrain(TrainArgs a) {
                  ps.layout().num_params(), static_cast<long long>(config.num_hidden_layers),
                  static_cast<long long>(config.vocab_size), size, threads,
                  static_cast<long long>(a.o.batch), static_cast<long long>(a.o.seq),
-                 corpus->size(), runtime::UnigramEntropy(corpus->tokens()));
+                 corpus->size(), corpus->unigram_entropy());
     std::fprintf(stderr, "strata train: AdamW %s\n",
                  tr.overlapped()
                      ? "runs on each layer as soon as its gradients are final, overlapped with "

@@ -1,5 +1,10 @@
 #include "runtime/train_data.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <string_view>
@@ -24,7 +29,56 @@ bool EndsWith(const std::string& s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
+// Counts of each id, for the entropy.
+double EntropyOfCounts(const std::unordered_map<int32_t, int64_t>& counts, double n) {
+  double h = 0;
+  for (const auto& [id, c] : counts) {
+    const double p = static_cast<double>(c) / n;
+    h -= p * std::log(p);
+  }
+  return h;
+}
+
 }  // namespace
+
+struct TokenCorpus::File {
+  int fd = -1;
+  std::string path;
+  ~File() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+TokenCorpus::TokenCorpus(std::vector<int32_t> tokens) : owned_(std::move(tokens)) {
+  size_ = owned_.size();
+  unigram_entropy_ = UnigramEntropy(owned_);
+}
+
+Status TokenCorpus::Read(size_t first, size_t n, int32_t* out) const {
+  if (first > size_ || n > size_ - first) {
+    return Status::InvalidArgument(
+        fmt::format("tokens [{}, +{}) outside the corpus of {}", first, n, size_));
+  }
+  if (!file_) {
+    std::memcpy(out, owned_.data() + first, n * sizeof(int32_t));
+    return Status::OK();
+  }
+  auto* dst = reinterpret_cast<char*>(out);
+  size_t done = 0;
+  const size_t bytes = n * sizeof(int32_t);
+  while (done < bytes) {
+    const ssize_t r = ::pread(file_->fd, dst + done, bytes - done,
+                              static_cast<off_t>(first * sizeof(int32_t) + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return ErrnoStatus(fmt::format("read {}", file_->path), errno);
+    if (r == 0) {
+      return Status::IOError(fmt::format("{}: the token file shrank while training read it",
+                                         file_->path));
+    }
+    done += static_cast<size_t>(r);
+  }
+  return Status::OK();
+}
 
 StatusOr<TokenCorpus> TokenCorpus::FromText(const std::string& path, const Tokenizer& tokenizer) {
   STRATA_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
@@ -56,28 +110,59 @@ StatusOr<TokenCorpus> TokenCorpus::FromText(const std::string& path, const Token
   }
   STRATA_RETURN_IF_ERROR(flush());
   if (tokens.empty()) return Status::InvalidArgument(path + ": the corpus holds no text");
-  TokenCorpus c(std::move(tokens));
+  TokenCorpus c(std::move(tokens));  // computes the entropy
   c.documents_ = docs;
   return c;
 }
 
 StatusOr<TokenCorpus> TokenCorpus::FromTokenFile(const std::string& path, int64_t vocab_size) {
-  STRATA_ASSIGN_OR_RETURN(std::string bytes, ReadFileToString(path));
-  if (bytes.empty()) return Status::InvalidArgument(path + ": the token file is empty");
-  if (bytes.size() % 4 != 0) {
+  auto file = std::make_shared<File>();
+  file->path = path;
+  file->fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (file->fd < 0) return ErrnoStatus(fmt::format("open {}", path), errno);
+  const int fd = file->fd;
+  struct stat sb {};
+  if (::fstat(fd, &sb) != 0) return ErrnoStatus(fmt::format("fstat {}", path), errno);
+  const size_t bytes = static_cast<size_t>(sb.st_size);
+  if (bytes == 0) return Status::InvalidArgument(path + ": the token file is empty");
+  if (bytes % 4 != 0) {
     return Status::InvalidArgument(fmt::format(
-        "{}: {} bytes is not a whole number of int32 token ids", path, bytes.size()));
+        "{}: {} bytes is not a whole number of int32 token ids", path, bytes));
   }
-  std::vector<int32_t> tokens(bytes.size() / 4);
-  std::memcpy(tokens.data(), bytes.data(), bytes.size());
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    if (tokens[i] < 0 || tokens[i] >= vocab_size) {
-      return Status::InvalidArgument(fmt::format("{}: token {} at index {} is outside [0, {})",
-                                                 path, tokens[i], i, vocab_size));
+  // Checked (and counted for the entropy) through a small buffer: the pages go to the page
+  // cache only, never into this process's RSS.
+  std::vector<int32_t> buf(1 << 18);
+  std::vector<int64_t> counts(static_cast<size_t>(vocab_size));  // ids are checked to fit
+  size_t done = 0;
+  while (done < bytes) {
+    const size_t want = std::min(bytes - done, buf.size() * sizeof(int32_t));
+    const ssize_t r = ::pread(fd, buf.data(), want, static_cast<off_t>(done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return ErrnoStatus(fmt::format("read {}", path), errno);
+    if (r == 0 || r % 4 != 0) {
+      return Status::IOError(fmt::format("{}: short read at byte {} of {}", path, done, bytes));
     }
+    const size_t n = static_cast<size_t>(r) / 4;
+    for (size_t i = 0; i < n; ++i) {
+      if (buf[i] < 0 || buf[i] >= vocab_size) {
+        return Status::InvalidArgument(fmt::format("{}: token {} at index {} is outside [0, {})",
+                                                   path, buf[i], done / 4 + i, vocab_size));
+      }
+      ++counts[buf[i]];
+    }
+    done += static_cast<size_t>(r);
   }
-  TokenCorpus c(std::move(tokens));
+  (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_RANDOM);  // batches read scattered windows
+  TokenCorpus c;
+  c.file_ = std::move(file);
+  c.size_ = bytes / 4;
   c.documents_ = 1;
+  double h = 0;
+  const double total = static_cast<double>(bytes / 4);
+  for (const int64_t k : counts) {
+    if (k > 0) h -= static_cast<double>(k) / total * std::log(static_cast<double>(k) / total);
+  }
+  c.unigram_entropy_ = h;
   return c;
 }
 
@@ -89,7 +174,7 @@ StatusOr<TokenCorpus> TokenCorpus::Load(const std::string& path, const Tokenizer
                                           "(give --tokenizer, or a model folder that has one)");
   }
   STRATA_ASSIGN_OR_RETURN(TokenCorpus c, FromText(path, *tokenizer));
-  for (int32_t id : c.tokens()) {
+  for (int32_t id : c.owned_) {
     if (id >= vocab_size) {
       return Status::InvalidArgument(fmt::format(
           "the tokenizer produces id {} but the model's vocabulary has {} entries", id,
@@ -101,7 +186,7 @@ StatusOr<TokenCorpus> TokenCorpus::Load(const std::string& path, const Tokenizer
 
 Status TokenCorpus::Batch(uint64_t seed, int64_t step, int64_t first, int64_t count, int64_t seq,
                           int32_t* out) const {
-  const int64_t n = static_cast<int64_t>(tokens_.size());
+  const int64_t n = static_cast<int64_t>(size_);
   if (n < seq + 1) {
     return Status::InvalidArgument(fmt::format(
         "the corpus has {} tokens, fewer than one sequence of {} + 1", n, seq));
@@ -111,21 +196,15 @@ Status TokenCorpus::Batch(uint64_t seed, int64_t step, int64_t first, int64_t co
     const uint64_t key = SplitMix64(seed ^ SplitMix64(static_cast<uint64_t>(step) * 0x100000001b3ULL +
                                                        static_cast<uint64_t>(first + j)));
     const uint64_t start = key % starts;
-    std::memcpy(out + j * (seq + 1), tokens_.data() + start, (seq + 1) * sizeof(int32_t));
+    STRATA_RETURN_IF_ERROR(Read(start, static_cast<size_t>(seq + 1), out + j * (seq + 1)));
   }
   return Status::OK();
 }
 
-double UnigramEntropy(const std::vector<int32_t>& tokens) {
+double UnigramEntropy(std::span<const int32_t> tokens) {
   std::unordered_map<int32_t, int64_t> counts;
   for (int32_t t : tokens) ++counts[t];
-  double h = 0;
-  const double n = static_cast<double>(tokens.size());
-  for (const auto& [id, c] : counts) {
-    const double p = static_cast<double>(c) / n;
-    h -= p * std::log(p);
-  }
-  return h;
+  return EntropyOfCounts(counts, static_cast<double>(tokens.size()));
 }
 
 }  // namespace strata::runtime

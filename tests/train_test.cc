@@ -361,7 +361,54 @@ TEST(TrainDataTest, BatchesArePureFunctionsOfSeedStepAndIndex) {
   std::vector<int32_t> other(4 * 9);
   ASSERT_TRUE(c.Batch(5, 3, 0, 4, 8, other.data()).ok());
   EXPECT_NE(all, other);
-  EXPECT_NEAR(runtime::UnigramEntropy({1, 1, 2, 2}), std::log(2.0), 1e-12);
+  EXPECT_NEAR(runtime::UnigramEntropy(std::vector<int32_t>{1, 1, 2, 2}), std::log(2.0), 1e-12);
+}
+
+// A token file is read per batch, not held in memory: the same ids and batches as the
+// in-memory corpus, the same entropy, copies that work, and clear errors for bad files.
+TEST(TrainDataTest, TokenFileIsReadPerBatchAndChecked) {
+  const std::string dir = fs::temp_directory_path() / ("strata-tokfile-" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  std::vector<int32_t> tokens(300001);  // more than one check buffer of 2^18 ids
+  std::mt19937 rng(7);
+  for (auto& t : tokens) t = static_cast<int32_t>(rng() % 97);
+  auto write = [&](const std::string& name, const void* data, size_t bytes) {
+    std::ofstream(dir + "/" + name, std::ios::binary).write(static_cast<const char*>(data), bytes);
+    return dir + "/" + name;
+  };
+  const std::string path = write("t.i32", tokens.data(), tokens.size() * 4);
+  auto mapped = runtime::TokenCorpus::FromTokenFile(path, 97);
+  ASSERT_TRUE(mapped.ok()) << mapped.status().ToString();
+  const runtime::TokenCorpus in_memory(tokens);
+  ASSERT_EQ(mapped->size(), tokens.size());
+  std::vector<int32_t> back(tokens.size());
+  ASSERT_TRUE(mapped->Read(0, back.size(), back.data()).ok());
+  EXPECT_EQ(back, tokens);
+  EXPECT_FALSE(mapped->Read(tokens.size() - 2, 3, back.data()).ok());
+  EXPECT_NEAR(mapped->unigram_entropy(), in_memory.unigram_entropy(), 1e-12);
+  EXPECT_NEAR(in_memory.unigram_entropy(), std::log(97.0), 0.01);
+  runtime::TokenCorpus copy = *mapped;
+  runtime::TokenCorpus moved = std::move(*mapped);
+  runtime::TokenCorpus mem_copy = in_memory;
+  std::vector<int32_t> a(3 * 17), b(3 * 17), c(3 * 17);
+  ASSERT_TRUE(copy.Batch(1, 4, 0, 3, 16, a.data()).ok());
+  ASSERT_TRUE(moved.Batch(1, 4, 0, 3, 16, b.data()).ok());
+  ASSERT_TRUE(mem_copy.Batch(1, 4, 0, 3, 16, c.data()).ok());
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(a, c);
+
+  auto bad_id = runtime::TokenCorpus::FromTokenFile(path, 50);
+  EXPECT_EQ(bad_id.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad_id.status().message().find("outside [0, 50)"), std::string::npos)
+      << bad_id.status().ToString();
+  const std::string odd = write("odd.i32", tokens.data(), 4 * 10 + 3);
+  EXPECT_NE(runtime::TokenCorpus::FromTokenFile(odd, 97).status().message().find(
+                "not a whole number"), std::string::npos);
+  const std::string empty = write("empty.i32", tokens.data(), 0);
+  EXPECT_NE(runtime::TokenCorpus::FromTokenFile(empty, 97).status().message().find("empty"),
+            std::string::npos);
+  EXPECT_FALSE(runtime::TokenCorpus::FromTokenFile(dir + "/missing.i32", 97).ok());
+  fs::remove_all(dir);
 }
 
 }  // namespace
