@@ -184,17 +184,26 @@ class SnapshotTest : public ::testing::Test {
 };
 
 
-// The fused copy: an exact copy, and the CRC-32C of it, at sizes around its 256 KiB chunk.
+// The fused copy: an exact copy, and the CRC-32C of it, at sizes around its 256 KiB chunk and
+// its 1 MiB switch to streaming stores, to and from addresses off any alignment.
 TEST(CopyAndChecksum, CopiesExactlyAndMatchesFragmentChecksum) {
   std::mt19937 rng(7);
   for (size_t n : {size_t{0}, size_t{1}, size_t{(256 << 10) - 1}, size_t{256 << 10},
-                   size_t{(256 << 10) + 1}, size_t{(3 << 20) + 17}}) {
-    std::vector<uint8_t> src(n), dst(n + 1, 0xEE);
-    for (uint8_t& b : src) b = static_cast<uint8_t>(rng());
-    const uint32_t crc = CopyAndChecksum(dst.data(), src.data(), n);
-    EXPECT_EQ(crc, FragmentChecksum(src.data(), n)) << n;
-    EXPECT_TRUE(std::equal(src.begin(), src.end(), dst.begin())) << n;
-    EXPECT_EQ(dst[n], 0xEE) << n;  // nothing past the end
+                   size_t{(256 << 10) + 1}, size_t{(1 << 20) - 1}, size_t{1 << 20},
+                   size_t{(1 << 20) + 63}, size_t{(3 << 20) + 17}}) {
+    for (size_t shift : {size_t{0}, size_t{3}, size_t{37}}) {
+      std::vector<uint8_t> src(n + shift), dst(n + shift + 1, 0xEE);
+      for (uint8_t& b : src) b = static_cast<uint8_t>(rng());
+      const uint8_t* from = src.data() + (shift % 7);
+      uint8_t* to = dst.data() + shift;
+      const uint32_t crc = CopyAndChecksum(to, from, n);
+      EXPECT_EQ(crc, FragmentChecksum(from, n)) << n << " +" << shift;
+      EXPECT_TRUE(std::equal(from, from + n, to)) << n << " +" << shift;
+      EXPECT_EQ(to[n], 0xEE) << n << " +" << shift;  // nothing past the end
+      EXPECT_TRUE(std::all_of(dst.begin(), dst.begin() + static_cast<long>(shift),
+                              [](uint8_t b) { return b == 0xEE; }))
+          << "nothing before the start";
+    }
   }
 }
 
