@@ -729,12 +729,19 @@ std::vector<int64_t> EcPeer::StalledLocal() const {
   std::vector<int64_t> out;
   // Delivered but never completed (a peer that died after taking the pieces) counts too, once
   // twice the exchange timeout has passed.
-  const int64_t late = NowNs() - 2 * static_cast<int64_t>(options_.io_timeout_ms) * 1000000;
+  const int64_t timeout_ns = static_cast<int64_t>(options_.io_timeout_ms) * 1000000;
+  const int64_t now = NowNs();
+  const int64_t late = now - 2 * timeout_ns;
+  // Once degraded, a version whose announces have not gone through within a quarter of the
+  // timeout is not waited for (against a silent peer each would take the whole timeout). Not at
+  // once: when the group is reachable again, every node's announces of one version must get
+  // through before any node gives that version up, or the group never recovers (on a loaded
+  // machine an announce round can take longer than a training step).
+  const int64_t grace = now - std::max<int64_t>(timeout_ns / 4, 100'000'000);
   for (const auto& [ver, v] : versions_) {
-    // Once degraded, a version whose announces have not gone through yet is not waited for
-    // (against a silent peer they would take the exchange timeout each).
     if (v->local && !v->group_committed && !v->dropped &&
-        (v->stalled || v->submitted_ns < late || (degraded_ && !v->announced))) {
+        (v->stalled || v->submitted_ns < late ||
+         (degraded_ && !v->announced && v->submitted_ns < grace))) {
       out.push_back(ver);
     }
   }

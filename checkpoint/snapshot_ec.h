@@ -177,8 +177,9 @@ class EcPeer {
   void WithdrawVersion(int64_t version);
   // Local versions, not group-committed, that cannot commit across the group: this node's
   // announce or pieces could not be delivered (after io_timeout_ms of retries, or at the first
-  // failure once the group is degraded), or, once degraded, not announced to every node yet,
-  // or they were handed over 2 * io_timeout_ms ago and the group never completed them.
+  // failure once the group is degraded), or, once degraded, not announced to every node within
+  // io_timeout_ms / 4, or they were handed over 2 * io_timeout_ms ago and the group never
+  // completed them.
   // Ascending.
   std::vector<int64_t> StalledLocal() const;
   // Some local version stalled since the last group commit.
