@@ -181,7 +181,16 @@ struct EcPeer::Version {
 };
 
 EcPeer::EcPeer(EcOptions options, std::function<void()> wake)
-    : options_(std::move(options)), wake_(std::move(wake)) {}
+    : options_(std::move(options)), wake_(std::move(wake)) {
+  std::random_device rd;
+  do {
+    incarnation_ = rd();
+  } while (incarnation_ == 0);
+}
+
+bool NonceOlder(uint64_t a, uint64_t b) {
+  return (a >> 32) == (b >> 32) && static_cast<uint32_t>(a) < static_cast<uint32_t>(b);
+}
 
 StatusOr<std::unique_ptr<EcPeer>> EcPeer::Create(EcOptions options, std::function<void()> wake) {
   const int nodes = static_cast<int>(options.peers.size());
@@ -413,10 +422,11 @@ Status EcPeer::EnsureParityShm(Version& v) {
 
 void EcPeer::SubmitLocal(int64_t version, proto::EcNodeManifest manifest,
                          std::vector<EcSegment> segments) {
-  std::random_device rd;
-  const uint64_t nonce = (static_cast<uint64_t>(rd()) << 32 | rd()) | 1;
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // This process's incarnation, then a count of attempts: receivers can tell a late message
+    // of an older attempt from the newest one (NonceOlder).
+    const uint64_t nonce = static_cast<uint64_t>(incarnation_) << 32 | ++attempts_;
     if (stop_.load()) return;
     if (version <= group_version_) {
       released_.push_back(version);  // nothing to protect: an older version than the group's
@@ -498,6 +508,11 @@ void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest
         break;
       }
       ::usleep(50000);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (v->dropped) {  // redone or withdrawn meanwhile: its announce would only mislead
+        announced = false;
+        break;
+      }
     }
   }
   {
@@ -563,7 +578,17 @@ void EcPeer::SendLoop(std::shared_ptr<Version> v, proto::EcNodeManifest manifest
 }
 
 void EcPeer::InstallAnnounce(Version& v, int from, const proto::EcNodeManifest& m) {
+  if (v.manifests[from] && NonceOlder(m.nonce(), v.manifests[from]->nonce())) {
+    // A late announce of an attempt the node has redone since (its sender retried it while
+    // the redo went out): installing it would void the newer attempt here for good.
+    STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: ignored a late announce of version {} by node {}",
+               options_.node, v.version, GroupNode(from));
+    return;
+  }
   if (v.manifests[from] && v.manifests[from]->nonce() != m.nonce()) {
+    STRATA_LOG(DEBUG, CKPT, "snapshotd node {}: node {} announced version {} again (nonce {:x} "
+                            "after {:x})", options_.node, GroupNode(from), v.version, m.nonce(),
+               v.manifests[from]->nonce());
     // The node redid this version: the parity built from its old data is void (the stripes it
     // is a data node of), and so is every parity-done that counted its old data.
     for (int p = 0; p < options_.m && p < static_cast<int>(v.pieces.size()); ++p) {
@@ -943,7 +968,13 @@ void EcPeer::ServeConnection(int fd) {
         std::unique_lock<std::mutex> lock(mu_);
         if (d.version() <= group_version_ && versions_.count(d.version()) == 0) break;
         auto v = GetOrMake(d.version());
-        v->done[d.from()] = d;
+        bool late = false;
+        if (const auto& have = v->done[d.from()]; have && have->nonces_size() == d.nonces_size()) {
+          for (int i = 0; i < d.nonces_size(); ++i) {
+            late = late || NonceOlder(d.nonces(i), have->nonces(i));
+          }
+        }
+        if (!late) v->done[d.from()] = d;  // else: counted older attempts than one already here
         MaybeGroupCommit(v);
         break;
       }
@@ -1124,6 +1155,14 @@ Status EcPeer::HandlePiece(int fd, const proto::EcPiece& pc) {
     return Status::InvalidArgument("piece longer than the stripe's fragments");
   }
   auto& slot = v->pieces[p][pc.d()];
+  const auto& sender = v->manifests[pc.from()];
+  if ((slot.valid && NonceOlder(pc.nonce(), slot.nonce)) ||
+      (sender && NonceOlder(pc.nonce(), sender->nonce()))) {
+    if (spare_.size() < 4 * static_cast<size_t>(options_.k * options_.m)) {
+      spare_.push_back(std::move(buf));
+    }
+    return Status::OK();  // of an attempt the sender has redone since
+  }
   slot.buf = std::move(buf);
   slot.nonce = pc.nonce();
   slot.valid = true;

@@ -73,6 +73,10 @@ struct EcOptions {
   int connect_timeout_ms = 1000;   // a peer that does not accept within this is down
 };
 
+// Nonces are (incarnation << 32 | attempt): true when `a` is an earlier attempt of the same
+// process than `b`. Nonces of different incarnations (a restarted node) are never "older".
+bool NonceOlder(uint64_t a, uint64_t b);
+
 // Default (k, m) for `nodes` nodes: 1 node: no coding (0, 0); 2: 1+1; 3: 2+1; 4..8: one group
 // of nodes-2 + 2 (any two lost nodes survive); more: the largest group size in [4, 8] that
 // divides the node count, with m = 2, else one group of nodes-2 + 2. n = 4 picks 2+2 rather
@@ -304,6 +308,8 @@ class EcPeer {
   std::condition_variable cv_;
   std::map<int64_t, std::shared_ptr<Version>> versions_;
   int64_t group_version_ = -1;
+  uint32_t incarnation_ = 0;  // random, nonzero: the high half of this process's nonces
+  uint32_t attempts_ = 0;     // local submissions so far: the low half
   bool degraded_ = false;  // a local version stalled since the last group commit
   std::vector<int64_t> released_;
   std::vector<std::vector<uint8_t>> spare_;  // piece buffers of finished versions

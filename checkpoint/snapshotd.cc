@@ -765,20 +765,26 @@ StatusOr<proto::BeginVersionReply> Snapshotd::DoBegin(RankState& st,
   s.published = false;
   s.sections.clear();
   // The slot's manifest room must stop claiming the version it held before we overwrite data.
+  STRATA_RETURN_IF_ERROR(WriteUncommittedManifest(st, best, v));
+  proto::BeginVersionReply reply;
+  reply.set_slot(best);
+  return reply;
+}
+
+Status Snapshotd::WriteUncommittedManifest(RankState& st, int slot, int64_t version) {
+  const Slot& s = st.slots[slot];
   proto::SnapshotManifest m;
   m.set_run(options_.run);
-  m.set_version(v);
+  m.set_version(version);
   m.set_world_size(st.world_size);
   m.set_committed(false);
   proto::RankSnapshot* rk = m.add_ranks();
   rk->set_rank(st.rank);
   rk->set_shm_name(s.shm_name);
-  rk->set_slot(best);
+  rk->set_slot(slot);
   rk->set_bytes_per_version(st.bytes_per_version);
-  STRATA_RETURN_IF_ERROR(WriteSlotManifest(s.base, st.bytes_per_version, m));
-  proto::BeginVersionReply reply;
-  reply.set_slot(best);
-  return reply;
+  for (const proto::SnapshotSection& sec : s.sections) *rk->add_sections() = sec;
+  return WriteSlotManifest(s.base, st.bytes_per_version, m);
 }
 
 StatusOr<proto::PublishReply> Snapshotd::DoPublish(RankState& st, const proto::PublishRequest& r) {
@@ -811,18 +817,7 @@ StatusOr<proto::PublishReply> Snapshotd::DoPublish(RankState& st, const proto::P
   Slot& s = st.slots[idx];
   s.sections.assign(r.sections().begin(), r.sections().end());
   s.published = true;
-  proto::SnapshotManifest m;
-  m.set_run(options_.run);
-  m.set_version(v);
-  m.set_world_size(st.world_size);
-  m.set_committed(false);
-  proto::RankSnapshot* rk = m.add_ranks();
-  rk->set_rank(st.rank);
-  rk->set_shm_name(s.shm_name);
-  rk->set_slot(idx);
-  rk->set_bytes_per_version(st.bytes_per_version);
-  *rk->mutable_sections() = r.sections();
-  STRATA_RETURN_IF_ERROR(WriteSlotManifest(s.base, st.bytes_per_version, m));
+  STRATA_RETURN_IF_ERROR(WriteUncommittedManifest(st, idx, v));
   bool committed = false;
   MaybeCommit(v, &committed);
   proto::PublishReply reply;
@@ -1026,17 +1021,7 @@ void Snapshotd::WithdrawStalled() {
       // No longer a version of this node: a restarted snapshotd must not find it committed.
       s.published = false;
       s.sections.clear();
-      proto::SnapshotManifest m;
-      m.set_run(options_.run);
-      m.set_version(withdrawn);
-      m.set_world_size(st.world_size);
-      m.set_committed(false);
-      proto::RankSnapshot* rk = m.add_ranks();
-      rk->set_rank(rank);
-      rk->set_shm_name(s.shm_name);
-      rk->set_slot(i);
-      rk->set_bytes_per_version(st.bytes_per_version);
-      Status w = WriteSlotManifest(s.base, st.bytes_per_version, m);
+      Status w = WriteUncommittedManifest(st, i, withdrawn);
       if (!w.ok()) STRATA_LOG(WARN, CKPT, "snapshotd: slot manifest: {}", w.ToString());
     }
   }

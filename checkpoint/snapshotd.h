@@ -127,6 +127,9 @@ class Snapshotd {
   StatusOr<proto::PublishReply> DoPublish(RankState& st, const proto::PublishRequest& r);
   StatusOr<proto::RepairReply> DoRepair(int64_t version);
   StatusOr<proto::LatestReply> DoLatest(int64_t max_disk_version);
+  // Writes slot `slot`'s manifest room as holding `version`, not committed, with the slot's
+  // sections (none: begun, not published).
+  Status WriteUncommittedManifest(RankState& st, int slot, int64_t version);
   // Creates (or reattaches) `rank`'s two slots and adds it to ranks_ with no connection.
   StatusOr<RankState*> OpenRank(int rank, int world, size_t bytes, bool* reattached);
   // Erasure coding: hands the just committed version to the EcPeer (pinning its slots), takes
