@@ -217,6 +217,15 @@ std::function<int()> Reported(Status (*fn)(const ChaosArgs&), std::shared_ptr<Ch
   };
 }
 
+// The options of a subcommand aimed at one node's snapshotd of a run.
+void AddSnapshotdTarget(CLI::App* app, ChaosArgs& a) {
+  app->add_option("--run", a.run, "run name (strata train --run)")->required();
+  app->add_option("--socket", a.socket, "snapshotd socket (default from the run name)");
+  app->add_option("--shm-tag", a.shm_tag,
+                  "the node tag strata train gives the snapshotd when nodes share one machine "
+                  "(n<node index>, network namespaces); picks its socket");
+}
+
 }  // namespace
 
 void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
@@ -231,11 +240,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
       "kill-snapshotd",
       "SIGKILL this node's snapshotd of a run. The trainer starts a new one at its next "
       "snapshot, which recovers the committed versions from the shared memory left behind.");
-  k->add_option("--run", a->run, "run name (strata train --run)")->required();
-  k->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
-  k->add_option("--shm-tag", a->shm_tag,
-                "the node tag strata train gives the snapshotd when nodes share one machine "
-                "(n<node index>, network namespaces); picks its socket");
+  AddSnapshotdTarget(k, *a);
   commands.push_back({k, Reported(KillSnapshotd, a)});
   CLI::App* h = chaos->add_subcommand(
       "hang-snapshotd",
@@ -243,9 +248,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
       "hung process. The trainer kills and replaces it once a request goes unanswered for "
       "STRATA_SNAPSHOTD_RPC_TIMEOUT_S seconds (default 30); the new one recovers the committed "
       "versions from shared memory.");
-  h->add_option("--run", a->run, "run name (strata train --run)")->required();
-  h->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
-  h->add_option("--shm-tag", a->shm_tag, "the node tag, as for kill-snapshotd");
+  AddSnapshotdTarget(h, *a);
   commands.push_back({h, Reported(HangSnapshotd, a)});
   CLI::App* n = chaos->add_subcommand(
       "kill-node",
@@ -268,11 +271,7 @@ void AddChaosCommand(CLI::App& root, std::vector<Command>& commands) {
       "Its CRC-32C no longer matches: a resume detects it. With snapshots erasure-coded across "
       "nodes the node's snapshotd then rebuilds the bytes from the other nodes' parity and the "
       "resume goes on; without, the resume refuses to load it.");
-  c->add_option("--run", a->run, "run name (strata train --run)")->required();
-  c->add_option("--socket", a->socket, "snapshotd socket (default from the run name)");
-  c->add_option("--shm-tag", a->shm_tag,
-                "the node tag strata train gives the snapshotd when nodes share one machine "
-                "(n<node index>, network namespaces); picks its socket");
+  AddSnapshotdTarget(c, *a);
   c->add_option("--rank", a->rank, "whose snapshot")->capture_default_str();
   c->add_option("--section", a->section, "state, weights, adam_m or adam_v")->capture_default_str();
   c->add_option("--byte", a->byte, "offset inside the section")->capture_default_str();

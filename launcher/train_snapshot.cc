@@ -202,7 +202,6 @@ Status TrainSnapshotter::KillHung(const Status& why) {
                "strata train: rank %d: snapshotd (pid %d) does not answer; killed it and started "
                "a new one\n",
                rank_, pid);
-  client_.reset();
   if (::kill(pid, SIGKILL) != 0 && errno != ESRCH) {
     return ErrnoStatus(fmt::format("kill {}", pid), errno);
   }

@@ -4,11 +4,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
 #include <string_view>
-#include <unordered_map>
 
 #include <fmt/format.h>
 
@@ -29,10 +29,11 @@ bool EndsWith(const std::string& s, std::string_view suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-// Counts of each id, for the entropy.
-double EntropyOfCounts(const std::unordered_map<int32_t, int64_t>& counts, double n) {
+// Entropy in nats of a distribution given as counts of each id (zeros allowed) over n ids.
+double EntropyOfCounts(const std::vector<int64_t>& counts, double n) {
   double h = 0;
-  for (const auto& [id, c] : counts) {
+  for (const int64_t c : counts) {
+    if (c == 0) continue;
     const double p = static_cast<double>(c) / n;
     h -= p * std::log(p);
   }
@@ -157,12 +158,7 @@ StatusOr<TokenCorpus> TokenCorpus::FromTokenFile(const std::string& path, int64_
   c.file_ = std::move(file);
   c.size_ = bytes / 4;
   c.documents_ = 1;
-  double h = 0;
-  const double total = static_cast<double>(bytes / 4);
-  for (const int64_t k : counts) {
-    if (k > 0) h -= static_cast<double>(k) / total * std::log(static_cast<double>(k) / total);
-  }
-  c.unigram_entropy_ = h;
+  c.unigram_entropy_ = EntropyOfCounts(counts, static_cast<double>(bytes / 4));
   return c;
 }
 
@@ -202,8 +198,9 @@ Status TokenCorpus::Batch(uint64_t seed, int64_t step, int64_t first, int64_t co
 }
 
 double UnigramEntropy(std::span<const int32_t> tokens) {
-  std::unordered_map<int32_t, int64_t> counts;
-  for (int32_t t : tokens) ++counts[t];
+  if (tokens.empty()) return 0;
+  std::vector<int64_t> counts(static_cast<size_t>(*std::max_element(tokens.begin(), tokens.end())) + 1);
+  for (const int32_t t : tokens) ++counts[static_cast<size_t>(t)];
   return EntropyOfCounts(counts, static_cast<double>(tokens.size()));
 }
 

@@ -66,7 +66,7 @@ class TokenCorpus {
 };
 
 // Entropy in nats of the corpus's unigram token distribution: the loss a model that ignores
-// context could reach. Training must go well below it.
+// context could reach. Training must go well below it. Token ids are >= 0.
 double UnigramEntropy(std::span<const int32_t> tokens);
 
 }  // namespace strata::runtime

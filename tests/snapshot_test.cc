@@ -177,6 +177,14 @@ class SnapshotTest : public ::testing::Test {
     return std::move(*c);
   }
 
+  // Ranks 0 and 1 snapshot versions 1..last, each committing.
+  static void SnapshotBoth(SnapshotClient& r0, SnapshotClient& r1, int64_t last) {
+    for (int64_t v = 1; v <= last; ++v) {
+      ASSERT_TRUE(Snapshot(r0, 0, v).ok()) << v;
+      ASSERT_TRUE(Snapshot(r1, 1, v).ok()) << v;
+    }
+  }
+
   std::string run_;
   fs::path dir_;
   SnapshotdOptions options_;
@@ -296,10 +304,7 @@ TEST_F(SnapshotTest, TrainerDyingMidSnapshotKeepsCommittedVersionAndRestartReatt
   auto r0 = Client(0);
   auto r1 = Client(1);
   ASSERT_TRUE(r0 && r1);
-  for (int64_t v = 1; v <= 2; ++v) {
-    ASSERT_TRUE(Snapshot(*r0, 0, v).ok());
-    ASSERT_TRUE(Snapshot(*r1, 1, v).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SnapshotBoth(*r0, *r1, 2));
   r1.reset();  // rank 1's trainer is gone...
   // ...and its restarted incarnation dies again mid-snapshot: after BeginVersion, half the bytes
   // written, no Publish.
@@ -423,10 +428,7 @@ TEST_F(SnapshotTest, KilledServerGivesUnavailableNotAHangAndSurvivingMemoryIsRec
   auto r0 = Client(0);
   auto r1 = Client(1);
   ASSERT_TRUE(r0 && r1);
-  for (int64_t v = 1; v <= 2; ++v) {
-    ASSERT_TRUE(Snapshot(*r0, 0, v).ok());
-    ASSERT_TRUE(Snapshot(*r1, 1, v).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SnapshotBoth(*r0, *r1, 2));
   ASSERT_EQ(::kill(pid, SIGKILL), 0);
   EXPECT_EQ(WaitServer(pid, 5), -2);
   const int64_t t0 = NowNs();
@@ -465,10 +467,7 @@ TEST_F(SnapshotTest, ServerReplacedMidRunAdoptsEveryLocalRankFromSharedMemory) {
   auto r0 = Client(0);
   auto r1 = Client(1);
   ASSERT_TRUE(r0 && r1);
-  for (int64_t v = 1; v <= 2; ++v) {
-    ASSERT_TRUE(Snapshot(*r0, 0, v).ok());
-    ASSERT_TRUE(Snapshot(*r1, 1, v).ok());
-  }
+  ASSERT_NO_FATAL_FAILURE(SnapshotBoth(*r0, *r1, 2));
   ASSERT_TRUE(Snapshot(*r1, 1, 3).ok());  // rank 1 published v3; rank 0's v3 never got there
   EXPECT_FALSE(r1->last_publish_committed());
   ASSERT_EQ(::kill(pid, SIGKILL), 0);
