@@ -12,6 +12,9 @@ packages=(
   librocksdb-dev libprotobuf-dev protobuf-compiler
   libbenchmark-dev libgtest-dev
   libisal-dev libdnnl-dev
+  # Debian's oneDNN is built with its OpenCL GPU runtime: dnnl-config.cmake looks for OpenCL and
+  # fails the configure without these (they are only recommended, and we install no recommends).
+  ocl-icd-opencl-dev opencl-c-headers
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libsentencepiece-dev sentencepiece
   iproute2
