@@ -73,6 +73,9 @@ void Shapes(benchmark::internal::Benchmark* b) {
       }
     }
   }
+  // A matrix that fits one core's L2 (0.5 MiB in q8_0): the kernel's compute ceiling, which decode
+  // out of cache can only reach if it is above the core's memory bandwidth.
+  for (int wt = 0; wt < 3; ++wt) b->Args({wt, 1, wt == 0 ? 64 : 256, 2048, 1});
   // Short prompts in q8_0, where packing weights for the int8 GEMM competes with one matvec per
   // token (kernels/cpu/ops.cc kQ8GemmMinRows).
   for (int64_t m : {2, 3, 4, 6, 8, 16}) b->Args({2, m, 5632, 2048, 2});

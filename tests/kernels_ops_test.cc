@@ -110,15 +110,12 @@ const OpsTable& DispatchedTable() {
   return generic::kOpsTable;
 }
 
-// Against torch on the (bf16-rounded or dequantized) weights. The AVX-512 q8_0 decode path
-// quantizes x to int16 per 32-block for VNNI integer dot products (error ~1.5e-5 of the block's
-// largest |x|), so q8_0 at M = 1 gets 1e-4. The q8_0 prefill path of a table with gemm_q8
-// quantizes x to int8 (error up to 1/254 of the block's largest |x|, as ggml's q8_0 x q8_0):
-// 1e-2 against torch, and 1e-5 against Int8ActivationReference, which rounds x the same way.
-// Every other path multiplies in f32.
+// Against torch on the (bf16-rounded or dequantized) weights. On a table with VNNI (gemm_q8 set)
+// both q8_0 paths, decode (M = 1) and prefill, quantize x to int8 per 32-block (error up to 1/254
+// of the block's largest |x|, as ggml's q8_0 x q8_0): 1e-2 against torch, and 1e-5 against
+// Int8ActivationReference, which rounds x the same way. Every other path multiplies in f32.
 double Tolerance(const LinearCase& c, const OpsTable& table) {
   if (c.wt != WeightType::kQ8_0) return 1e-5;
-  if (c.M == 1) return 1e-4;
   return table.gemm_q8 != nullptr ? 1e-2 : 1e-5;
 }
 
@@ -298,13 +295,13 @@ TEST_F(OpsRefTest, LinearMatchesTorchOnEveryIsa) {
   }
 }
 
-TEST_F(OpsRefTest, Q8PrefillInt8PathMatchesItsRoundingExactly) {
+TEST_F(OpsRefTest, Q8Int8PathsMatchTheirRoundingExactly) {
   ThreadPool pool(2);
   int checked = 0;
   for (const OpsTable* table : Tables()) {
     if (table->gemm_q8 == nullptr) continue;
     for (const LinearCase& c : *linear_cases_) {
-      if (c.wt != WeightType::kQ8_0 || c.M == 1) continue;
+      if (c.wt != WeightType::kQ8_0) continue;
       SCOPED_TRACE(std::string(table->isa) + " " + c.name);
       const std::vector<float> ref = Int8ActivationReference(c);
       for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
@@ -315,7 +312,7 @@ TEST_F(OpsRefTest, Q8PrefillInt8PathMatchesItsRoundingExactly) {
       }
     }
   }
-  if (checked == 0) GTEST_SKIP() << "no kernel set with an int8 q8_0 prefill on this CPU";
+  if (checked == 0) GTEST_SKIP() << "no kernel set with int8 q8_0 products (AVX-512 VNNI) on this CPU";
 }
 
 TEST_F(OpsRefTest, DispatchedLinearMatchesTorch) {
