@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Decode benchmark of `strata infer` on a TinyLlama-1.1B-shaped model, in one run, against the
-# bandwidth floor and the PyTorch peer (issue #3, item 7):
-#   - `strata bench membw` right before each run (the median pass; bandwidth drifts), with the
-#     ranks and threads that run uses;
-#   - star allreduce latency of one decode message (hidden floats) per rank count;
-#   - for N ranks x dtype x window: TTFT on the prompt, prefill and decode tokens/s, peak RSS
-#     and weight wait per rank, and decode as a fraction of the floor
+# bandwidth floor and the PyTorch peer (issue #3, item 7). For N ranks x dtype:
+#   - the floor: a resident (W = 0) run with --probe-bandwidth, where after every decode token
+#     all ranks stream-read a buffer of their weight bytes per token with their threads
+#     (`strata bench membw`'s probe, outside the decode timing), so decode and the bandwidth it
+#     is held to are measured at the same moments: bandwidth here drifts 2x within seconds, and
+#     probes run before and after a whole run disagreed with each other by that much;
 #       floor tokens/s = 1 / (max over ranks of bytes read per token / rank bandwidth
-#                             + 2 * layers * allreduce latency);
+#                             + 2 * layers * star allreduce latency of one decode message);
+#   - for each window W: TTFT on the prompt, prefill and decode tokens/s, peak RSS and weight
+#     wait per rank, and decode against the W = 0 run of the same repeat (without the probe);
 #   - the PyTorch peer (bench/torch_decode.py, f32, same threads) on the same model.
 #
 #   bench/decode_bench.sh STRATA_BINARY WORKDIR [OUT.jsonl]
 # WORKDIR gets the model (bench/make_bench_model.py, ~4.4 GB) and its shards (kept between runs).
 # Environment: RANKS (default "1 2 4"), DTYPES ("f32 q8_0"), WINDOWS ("0 2 4"), MODES ("map"),
-# TOKENS (32), THREADS (cores; ranks get THREADS / N each), PEER (1: run the PyTorch peer).
+# TOKENS (32), THREADS (cores; ranks get THREADS / N each), PEER (1: run the PyTorch peer),
+# REPEATS (3: each row runs this many times, alternating with the other windows; the tables
+# show medians and every run's figure).
 # The shards are read once before timing so that every run finds them in page cache.
 set -euo pipefail
 STRATA="$1"; WORK="$2"; OUT="${3:-$WORK/decode_bench.jsonl}"
@@ -21,6 +25,7 @@ SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$SRC/scripts/common.sh"
 RANKS="${RANKS:-1 2 4}"; DTYPES="${DTYPES:-f32 q8_0}"; WINDOWS="${WINDOWS:-0 2 4}"
 MODES="${MODES:-map}"; TOKENS="${TOKENS:-32}"; THREADS="${THREADS:-$(nproc)}"; PEER="${PEER:-1}"
+REPEATS="${REPEATS:-3}"
 mkdir -p "$WORK"
 : > "$OUT"
 
@@ -56,22 +61,30 @@ for n in $RANKS; do
       | /usr/bin/python3 -c "import json,sys; d=json.load(sys.stdin); r=d['results'][0]; print(json.dumps({'kind':'allreduce','ranks':r['ranks'],'latency_us_median':r['latency_us_median']}))" >> "$OUT"
   fi
   for d in $DTYPES; do
-    cat "$WORK/shards-$n-$d"/rank-*.shard > /dev/null   # into page cache
-    for w in $WINDOWS; do
-      for mode in $MODES; do
-        [[ "$w" == 0 && "$mode" != "$(echo $MODES | cut -d' ' -f1)" ]] && continue
-        # Bandwidth drifts with host load within minutes: measure it right before each run.
-        mpirun -np "$n" "${BIND[@]}" "$STRATA" bench membw --threads "$t" --json 2>/dev/null \
-          | tail -1 > "$WORK/membw.json"
-        mpirun -np "$n" "${BIND[@]}" -x STRATA_NUM_THREADS="$t" "$STRATA" infer --shards "$WORK/shards-$n-$d" \
-          --prompt "$PROMPT" --max-tokens "$TOKENS" --greedy --window "$w" --window-mode "$mode" \
-          --json 2> "$WORK/infer.err" | tail -1 \
-          | /usr/bin/python3 -c "
-import json, sys
-d = json.load(sys.stdin); d.pop('text', None)
-m = json.load(open('$WORK/membw.json'))
-d.update(kind='infer', dtype='$d', threads_per_rank=$t, membw_gbps=m['rank_gbps_median'])
-print(json.dumps(d))" >> "$OUT" || { cat "$WORK/infer.err" >&2; exit 1; }
+    # Into page cache, afresh: drop what earlier writes or reads left (dd's nocache advice) and
+    # read it back, so the cache holds 2 MiB folios that the resident mapping can map whole
+    # (docs/DECISIONS.md, "Shard blocks aligned to 2 MiB"); the floor table shows the share.
+    for f in "$WORK/shards-$n-$d"/rank-*.shard; do dd if="$f" iflag=nocache count=0 status=none; done
+    cat "$WORK/shards-$n-$d"/rank-*.shard > /dev/null
+    for ((rep = 1; rep <= REPEATS; ++rep)); do
+      for w in $WINDOWS; do
+        for mode in $MODES; do
+          [[ "$w" == 0 && "$mode" != "$(echo $MODES | cut -d' ' -f1)" ]] && continue
+          extra=(); kinds=(infer)
+          [[ "$w" == 0 ]] && kinds=(infer floor)
+          for kind in "${kinds[@]}"; do
+            [[ "$kind" == floor ]] && extra=(--probe-bandwidth)
+            mpirun -np "$n" "${BIND[@]}" -x STRATA_NUM_THREADS="$t" "$STRATA" infer \
+              --shards "$WORK/shards-$n-$d" --prompt "$PROMPT" --max-tokens "$TOKENS" --greedy \
+              --window "$w" --window-mode "$mode" "${extra[@]}" --json 2> "$WORK/infer.err" \
+              | tail -1 > "$WORK/infer.json" || { cat "$WORK/infer.err" >&2; exit 1; }
+            /usr/bin/python3 -c "
+import json
+d = json.load(open('$WORK/infer.json')); d.pop('text', None)
+d.update(kind='$kind', dtype='$d', threads_per_rank=$t, repeat=$rep)
+print(json.dumps(d))" >> "$OUT"
+          done
+        done
       done
     done
   done
@@ -83,30 +96,59 @@ if [[ "$PEER" == 1 ]]; then
 fi
 
 /usr/bin/python3 - "$OUT" <<'PY'
-import json, sys
+import json, sys, statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 ar = {r["ranks"]: r["latency_us_median"] for r in rows if r["kind"] == "allreduce"}
 LAYERS = 22
 gib = 1 << 30
-print("| ranks × threads | dtype | window | mode | TTFT ms | prefill tok/s | decode tok/s | read GB/s per rank (membw, just before) | floor tok/s | % of floor | peak RSS per rank (GiB) | RSS bound 1.2 × budget + 64 MiB (GiB) | weight wait ms |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for r in rows:
-    if r["kind"] != "infer":
-        continue
-    n = r["ranks"]
-    per_rank_s = [b / (g * 1e9) for b, g in zip(r["weight_bytes_per_token"], r["membw_gbps"])]
-    floor_s = max(per_rank_s) + 2 * LAYERS * ar.get(n, 0.0) / 1e6
-    floor = 1 / floor_s
-    rss = " / ".join(f"{x / gib:.2f}" for x in r["peak_rss_bytes"])
-    wait = " / ".join(f"{x:.0f}" for x in r["weight_wait_ms"])
-    bound = " / ".join(f"{(1.2 * x + (64 << 20)) / gib:.2f}" for x in r["memory_budget_bytes"])
-    print(f"| {n} × {r['threads_per_rank']} | {r['dtype']} | {r['window']} | {r['window_mode']} | "
-          f"{r['ttft_ms']:.0f} | {r['prefill_tokens_per_s']:.1f} | **{r['decode_tokens_per_s']:.2f}** | "
-          f"{' / '.join(f'{g:.1f}' for g in r['membw_gbps'])} | {floor:.2f} | {100 * r['decode_tokens_per_s'] / floor:.0f}% | {rss} | {bound} | {wait} |")
+med = statistics.median
+
+def floor_tps(r):
+    per_rank_s = [b / (g * 1e9) for b, g in zip(r["weight_bytes_per_token"], r["probe_gbps"])]
+    return 1 / (max(per_rank_s) + 2 * LAYERS * ar.get(r["ranks"], 0.0) / 1e6)
+
+def groups(kind):
+    g = {}
+    for r in rows:
+        if r["kind"] == kind:
+            g.setdefault((r["ranks"], r["threads_per_rank"], r["dtype"], r["window"], r["window_mode"]), []).append(r)
+    return g
+
+def runs(xs, fmt="{:.0f}"):
+    return ", ".join(fmt.format(x) for x in xs)
+
+print("Floor (resident, W = 0, probe between tokens):")
+print()
+print("| ranks × threads | dtype | runs | weights in 2 MiB pages | decode tok/s | read GB/s per rank (median pass) | floor tok/s | % of floor (each run) |")
+print("|---|---|---|---|---|---|---|---|")
+for (n, t, dtype, window, mode), rs in groups("floor").items():
+    pct = [100 * r["decode_tokens_per_s"] / floor_tps(r) for r in rs]
+    gbps = " / ".join(f"{med(r['probe_gbps'][i] for r in rs):.1f}" for i in range(n))
+    huge = " / ".join(f"{100 * min(r['huge_mapped_fraction'][i] for r in rs):.0f}%" for i in range(n))
+    print(f"| {n} × {t} | {dtype} | {len(rs)} | {huge} | {med(r['decode_tokens_per_s'] for r in rs):.2f} | {gbps} | "
+          f"{med(floor_tps(r) for r in rs):.2f} | **{med(pct):.0f}%** ({runs(pct)}) |")
+print()
+print("Windows (no probe; W / W = 0 pairs runs of the same repeat):")
+print()
+print("| ranks × threads | dtype | window | mode | runs | TTFT ms | prefill tok/s | decode tok/s (each run) | W / W = 0 (each run) | peak RSS per rank (GiB) | RSS bound 1.2 × budget + 64 MiB (GiB) | weight wait ms |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+base = {(r["ranks"], r["dtype"], r["repeat"]): r["decode_tokens_per_s"] for r in rows
+        if r["kind"] == "infer" and r["window"] == 0}
+for (n, t, dtype, window, mode), rs in groups("infer").items():
+    tps = [r["decode_tokens_per_s"] for r in rs]
+    ratio = [r["decode_tokens_per_s"] / base[(n, dtype, r["repeat"])] for r in rs
+             if (n, dtype, r["repeat"]) in base]
+    rss = " / ".join(f"{max(r['peak_rss_bytes'][i] for r in rs) / gib:.2f}" for i in range(n))
+    wait = " / ".join(f"{med(r['weight_wait_ms'][i] for r in rs):.0f}" for i in range(n))
+    bound = " / ".join(f"{(1.2 * x + (64 << 20)) / gib:.2f}" for x in rs[-1]["memory_budget_bytes"])
+    ratio_s = f"**{med(ratio):.2f}** ({runs(ratio, '{:.2f}')})" if window != 0 else "–"
+    print(f"| {n} × {t} | {dtype} | {window} | {mode} | {len(rs)} | {med(r['ttft_ms'] for r in rs):.0f} | "
+          f"{med(r['prefill_tokens_per_s'] for r in rs):.1f} | **{med(tps):.2f}** ({runs(tps, '{:.1f}')}) | "
+          f"{ratio_s} | {rss} | {bound} | {wait} |")
 for r in rows:
     if r["kind"] == "torch":
-        print(f"| PyTorch peer 1 × {r.get('threads', '?')} | f32 | all in RAM | – | {r['ttft_ms']:.0f} | "
-              f"{r.get('prefill_tokens_per_s', 0):.1f} | **{r['decode_tokens_per_s']:.2f}** | | | | | | |")
+        print(f"| PyTorch peer 1 × {r.get('threads', '?')} | f32 | all in RAM | – | 1 | {r['ttft_ms']:.0f} | "
+              f"{r.get('prefill_tokens_per_s', 0):.1f} | **{r['decode_tokens_per_s']:.2f}** | | | | |")
 print()
 for n, a in sorted(ar.items()):
     print(f"- {n} ranks: star allreduce of 8 KiB (one decode message) {a:.1f} µs")

@@ -55,39 +55,45 @@ float SumRange(const float* p, size_t n) {
 
 }  // namespace
 
+MembwProbe::MembwProbe(size_t bytes, ThreadPool* pool)
+    : pool_(pool), n_(std::max<size_t>(bytes, 4096) / sizeof(float)),
+      buf_(n_ * sizeof(float), 2u << 20) {
+  (void)::madvise(buf_.data(), buf_.capacity(), MADV_HUGEPAGE);  // a hint; EINVAL without THP
+  float* p = buf_.as<float>();
+  // Touch every page from the threads that will read it (first-touch placement).
+  pool_->ParallelFor(n_, [&](size_t b, size_t e) {
+    for (size_t i = b; i < e; ++i) p[i] = static_cast<float>(i & 7);
+  }, 1 << 16);
+}
+
+double MembwProbe::PassGbps() {
+  const float* p = buf_.as<float>();
+  const auto threads = static_cast<size_t>(pool_->size());
+  std::vector<float> partial(threads, 0.0f);
+  const uint64_t t0 = NowNs();
+  pool_->ParallelFor(threads, [&](size_t b, size_t e) {
+    for (size_t t = b; t < e; ++t) {
+      const size_t lo = n_ * t / threads, hi = n_ * (t + 1) / threads;
+      partial[t] = SumRange(p + lo, hi - lo);
+    }
+  });
+  const uint64_t t1 = NowNs();
+  for (float x : partial) sink_ = sink_ + x;
+  return static_cast<double>(n_ * sizeof(float)) / static_cast<double>(t1 - t0);
+}
+
 StatusOr<MembwResult> RunMembw(const MembwOptions& o, comm::Communicator* comm) {
   if (o.threads < 1 || o.reps < 1 || o.bytes < 4096) {
     return Status::InvalidArgument("membw: threads and reps must be >= 1, bytes >= 4096");
   }
-  const size_t n = o.bytes / sizeof(float);
-  // 2 MiB-aligned and hinted for transparent huge pages, as the weight window maps shard files
-  // (memory/weight_window.h): the floor should not charge decode for TLB misses it does not take.
-  AlignedBuffer buf(n * sizeof(float), 2u << 20);
-  (void)::madvise(buf.data(), buf.capacity(), MADV_HUGEPAGE);  // a hint; EINVAL without THP
-  float* p = buf.as<float>();
   ThreadPool pool(o.threads);
-  // Touch every page from the threads that will read it (first-touch placement).
-  pool.ParallelFor(n, [&](size_t b, size_t e) {
-    for (size_t i = b; i < e; ++i) p[i] = static_cast<float>(i & 7);
-  }, 1 << 16);
-  volatile float sink = 0;
+  MembwProbe probe(o.bytes, &pool);
   std::vector<double> gbps;
   for (int r = 0; r < o.reps + 1; ++r) {  // the first pass warms up and is not counted
     if (comm != nullptr) STRATA_RETURN_IF_ERROR(comm->Barrier());
-    std::vector<float> partial(static_cast<size_t>(o.threads), 0.0f);
-    const uint64_t t0 = NowNs();
-    pool.ParallelFor(static_cast<size_t>(o.threads), [&](size_t b, size_t e) {
-      for (size_t t = b; t < e; ++t) {
-        const size_t lo = n * t / static_cast<size_t>(o.threads);
-        const size_t hi = n * (t + 1) / static_cast<size_t>(o.threads);
-        partial[t] = SumRange(p + lo, hi - lo);
-      }
-    });
-    const uint64_t t1 = NowNs();
-    for (float x : partial) sink = sink + x;
-    if (r > 0) gbps.push_back(static_cast<double>(n * sizeof(float)) / static_cast<double>(t1 - t0));
+    const double g = probe.PassGbps();
+    if (r > 0) gbps.push_back(g);
   }
-  (void)sink;
   MembwResult res;
   std::vector<double> sorted = gbps;
   std::sort(sorted.begin(), sorted.end());

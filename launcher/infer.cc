@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <string>
@@ -13,6 +14,7 @@
 #include "base/cpus.h"
 #include "base/env.h"
 #include "base/thread_pool.h"
+#include "bench/membw.h"
 #include "comm/communicator.h"
 #include "comm/transport/mpi/mpi_transport.h"
 #include "launcher/commands.h"
@@ -38,6 +40,7 @@ struct InferArgs {
   std::string transport = "mpi";
   bool json = false;
   std::string dump_logits;
+  bool probe_bandwidth = false;
 };
 
 int RunInfer(const InferArgs& a) {
@@ -111,6 +114,18 @@ int RunInfer(const InferArgs& a) {
         std::to_string(e.max_seq()) + " tokens"));
   }
 
+  // --probe-bandwidth: one pass of `strata bench membw`'s streaming read over a buffer of this
+  // rank's weight bytes per token after every decode step, all ranks together, kept out of the
+  // decode timing. Bandwidth on these machines drifts by 2x within seconds; probed between
+  // tokens, decode and its floor are measured at the same moments.
+  std::unique_ptr<bench::MembwProbe> probe;
+  if (a.probe_bandwidth) {
+    probe = std::make_unique<bench::MembwProbe>(e.decode_weight_bytes(),
+                                                pool ? pool.get() : &ThreadPool::Default());
+  }
+  std::vector<double> probe_gbps;
+  int64_t probe_ns = 0;
+
   const bool dump = !a.dump_logits.empty();
   std::vector<float> logits, dumped;
   std::vector<int32_t> dumped_tokens(ids.begin(), ids.end());
@@ -145,21 +160,34 @@ int RunInfer(const InferArgs& a) {
     ++generated;
     dumped_tokens.push_back(next);
     if (Status s = e.Forward(&next, 1, pos++, false, &logits); !s.ok()) return abort_all(s);
+    if (probe) {
+      const int64_t p0 = NowNs();
+      if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
+      probe_gbps.push_back(probe->PassGbps());
+      probe_ns += NowNs() - p0;
+    }
   }
   const int64_t t_end = NowNs();
+  double probe_median = 0;
+  if (!probe_gbps.empty()) {
+    std::sort(probe_gbps.begin(), probe_gbps.end());
+    probe_median = probe_gbps[probe_gbps.size() / 2];
+  }
 
   // Per-rank figures to rank 0.
-  constexpr int kFig = 5;
+  constexpr int kFig = 7;
   int64_t mine[kFig] = {PeakRssBytes(), e.weight_wait_ns(),
                         static_cast<int64_t>(e.decode_weight_bytes()),
                         e.allreduce_ns() - prefill_allreduce_ns,
-                        static_cast<int64_t>(e.memory_budget_bytes())};
+                        static_cast<int64_t>(e.memory_budget_bytes()),
+                        static_cast<int64_t>(probe_median * 1e6),  // kB/s
+                        static_cast<int64_t>(e.weights_huge_mapped_fraction() * 1e6)};
   std::vector<int64_t> all(kFig * static_cast<size_t>(comm.size()));
   if (Status s = comm.Allgather(mine, all.data(), sizeof(mine)); !s.ok()) return abort_all(s);
   if (rank != 0) return 0;
   const double ttft_ms = static_cast<double>(t_first - t0) / 1e6;
   const double prefill_tps = static_cast<double>(n_prompt) / (ttft_ms / 1e3);
-  const double decode_s = static_cast<double>(t_end - t_first) / 1e9;
+  const double decode_s = static_cast<double>(t_end - t_first - probe_ns) / 1e9;
   const double decode_tps = generated > 1 ? static_cast<double>(generated - 1) / decode_s : 0;
   nlohmann::json j = {{"text", text}, {"prompt_tokens", n_prompt}, {"tokens", generated},
                       {"ttft_ms", ttft_ms}, {"prefill_tokens_per_s", prefill_tps},
@@ -180,7 +208,12 @@ int RunInfer(const InferArgs& a) {
         generated > 0 ? static_cast<double>(all[kFig * r + 3]) / 1e6 / static_cast<double>(generated)
                       : 0.0);
     j["memory_budget_bytes"].push_back(all[kFig * r + 4]);
+    if (probe) j["probe_gbps"].push_back(static_cast<double>(all[kFig * r + 5]) / 1e6);
+    if (e.window_mode() == memory::WindowMode::kResident) {
+      j["huge_mapped_fraction"].push_back(static_cast<double>(all[kFig * r + 6]) / 1e6);
+    }
   }
+  if (probe) j["probe_passes"] = static_cast<int64_t>(probe_gbps.size());
   if (dump) {
     std::string err;
     const std::string bytes(reinterpret_cast<const char*>(dumped.data()), dumped.size() * 4);
@@ -206,8 +239,12 @@ int RunInfer(const InferArgs& a) {
                  a.window, memory::WindowModeName(e.window_mode()));
     for (int r = 0; r < comm.size(); ++r) {
       std::fprintf(stderr, "  rank %d: peak RSS %.1f MiB, waited %.1f ms for weights\n", r,
-                   static_cast<double>(all[2 * r]) / (1 << 20),
-                   static_cast<double>(all[2 * r + 1]) / 1e6);
+                   static_cast<double>(all[kFig * r]) / (1 << 20),
+                   static_cast<double>(all[kFig * r + 1]) / 1e6);
+      if (probe) {
+        std::fprintf(stderr, "  rank %d: streaming read %.1f GB/s between tokens (median of %zu)\n",
+                     r, static_cast<double>(all[kFig * r + 5]) / 1e6, probe_gbps.size());
+      }
     }
   }
   return 0;
@@ -247,9 +284,16 @@ void AddInferCommand(CLI::App& root, std::vector<Command>& commands) {
                                    "decode_tokens_per_s, and per rank peak_rss_bytes, "
                                    "weight_wait_ms, weight_bytes_per_token, "
                                    "allreduce_ms_per_token, memory_budget_bytes = W largest "
-                                   "blocks + resident tensors + KV cache)");
+                                   "blocks + resident tensors + KV cache; with --window 0 "
+                                   "huge_mapped_fraction, the share of the weights mapped in "
+                                   "2 MiB pages, which decode speed depends on)");
   app->add_option("--dump-logits", a->dump_logits,
                   "Write the logits of every position (raw f32) and FILE.json (shape, tokens)");
+  app->add_flag("--probe-bandwidth", a->probe_bandwidth,
+                "Benchmark aid: after every decode step all ranks stream-read a buffer of their "
+                "weight bytes per token (strata bench membw's probe), outside the decode timing; "
+                "--json gains probe_gbps per rank (median pass), the bandwidth for the decode "
+                "floor at the same moments. Its buffer counts in peak RSS");
   commands.push_back({app, [a]() { return RunInfer(*a); }});
 }
 

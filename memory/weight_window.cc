@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstdio>
 #include <cstring>
 
 #include "base/check.h"
@@ -76,6 +77,31 @@ StatusOr<uint64_t> PreadFull(int fd, uint8_t* dst, uint64_t len, uint64_t off) {
     got += static_cast<uint64_t>(n);
   }
   return got;
+}
+
+// FilePmdMapped / Rss summed over the /proc/self/smaps entries inside [begin, begin + bytes);
+// -1 when the file cannot be read or the range has no resident pages.
+double PmdMappedFraction(const void* begin, uint64_t bytes) {
+  FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (f == nullptr) return -1;
+  const auto lo = reinterpret_cast<uintptr_t>(begin);
+  const uintptr_t hi = (lo + bytes + 4095) & ~uintptr_t{4095};  // a VMA ends on a page
+  bool inside = false;
+  uint64_t rss_kb = 0, pmd_kb = 0;
+  char line[512];
+  while (std::fgets(line, sizeof(line), f) != nullptr) {
+    unsigned long a = 0, b = 0, kb = 0;
+    char dash = 0;
+    if (std::sscanf(line, "%lx%c%lx ", &a, &dash, &b) == 3 && dash == '-') {
+      inside = a >= lo && b <= hi;  // a VMA header line
+    } else if (inside && std::sscanf(line, "Rss: %lu kB", &kb) == 1) {
+      rss_kb += kb;
+    } else if (inside && std::sscanf(line, "FilePmdMapped: %lu kB", &kb) == 1) {
+      pmd_kb += kb;
+    }
+  }
+  std::fclose(f);
+  return rss_kb == 0 ? -1 : static_cast<double>(pmd_kb) / static_cast<double>(rss_kb);
 }
 
 }  // namespace
@@ -604,6 +630,11 @@ void WeightWindow::Release(int i) {
 WindowStats WeightWindow::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   return stats_;
+}
+
+double WeightWindow::huge_mapped_fraction() const {
+  if (mode_ != WindowMode::kResident || map_ == nullptr) return -1;
+  return PmdMappedFraction(map_, file_size_);
 }
 
 uint64_t WeightWindow::budget_bytes() const {

@@ -147,6 +147,11 @@ class WeightWindow {
   // The most the window can hold at once: W slots of the largest block (every block when
   // resident or when they all fit). What a memory budget must leave room for.
   uint64_t budget_bytes() const;
+  // kResident: the share of the mapping's resident pages that the page tables map 2 MiB at a
+  // time (FilePmdMapped / Rss in /proc/self/smaps, read now: call it after compute has touched
+  // the weights). Decode reads faster the closer it is to 1; it is low when the page cache holds
+  // the file in small folios (see runtime/shard_file.cc Finish). -1 in other modes or unknown.
+  double huge_mapped_fraction() const;
 
  private:
   struct Held {

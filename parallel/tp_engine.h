@@ -50,6 +50,8 @@ class TpEngine {
   const runtime::LlamaConfig& config() const { return config_; }
   int64_t max_seq() const { return max_seq_; }
   int64_t weight_wait_ns() const { return window_->stats().wait_ns; }
+  // memory::WeightWindow::huge_mapped_fraction: -1 unless resident (window 0).
+  double weights_huge_mapped_fraction() const { return window_->huge_mapped_fraction(); }
   int64_t allreduce_ns() const { return allreduce_ns_; }
   memory::WindowMode window_mode() const { return window_->mode(); }
   uint64_t resident_bytes() const;

@@ -152,6 +152,13 @@ class ShardBuilder {
     std::memcpy(page.data(), &h, sizeof(h));
     STRATA_RETURN_IF_ERROR(PwriteAll(fd_, page.data(), page.size(), 0, path_));
     if (::fsync(fd_) != 0) return ErrnoStatus("fsync " + path_, errno);
+    // Drop what the writes left in the page cache (clean after the fsync). Written piecemeal,
+    // the file sits there in small folios (13% of a q8_0 shard mappable 2 MiB at a time, here),
+    // and cached folios are never regrown: the weight window's 2 MiB-hinted mapping then takes
+    // 4 KiB entries and TLB misses on every decode step (docs/DECISIONS.md, "Shard blocks
+    // aligned to 2 MiB"). Read afresh through that mapping, or by `cat`, the file comes back in
+    // 2 MiB folios. Advice only: a failure changes speed, never the file.
+    (void)::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED);
     if (::close(fd_) != 0) {
       fd_ = -1;
       return ErrnoStatus("close " + path_, errno);

@@ -33,6 +33,22 @@ for key in ("text", "tokens", "ttft_ms", "decode_tokens_per_s", "peak_rss_bytes"
 assert len(o["peak_rss_bytes"]) == 2 and o["tokens"] > 0
 print(f"infer_cli_test: 1 vs 2 ranks rel err {err:.2e}, {o['tokens']} tokens identical")
 PY
+# --probe-bandwidth (resident): one probe pass per decode step on every rank, reported per rank,
+# and the generated text is that of the run without it.
+"${MPIRUN[@]}" -np 2 "$STRATA" infer --shards "$WORK/s2" --prompt "Once upon a time" \
+  --max-tokens 16 --greedy --window 0 --probe-bandwidth --json > "$WORK/probe.json"
+/usr/bin/python3 - "$WORK" <<'PY'
+import json, sys
+w = sys.argv[1]
+o = json.load(open(f"{w}/out2.json")); p = json.load(open(f"{w}/probe.json"))
+assert p["text"] == o["text"], (p["text"], o["text"])
+assert p["probe_passes"] == p["tokens"], (p["probe_passes"], p["tokens"])
+assert len(p["probe_gbps"]) == 2 and all(g > 0 for g in p["probe_gbps"]), p["probe_gbps"]
+assert len(p["huge_mapped_fraction"]) == 2, p
+assert all(0 <= f <= 1 for f in p["huge_mapped_fraction"]), p["huge_mapped_fraction"]
+assert "probe_gbps" not in o and "huge_mapped_fraction" not in o
+print(f"infer_cli_test: probe {p['probe_gbps']} GB/s, huge-mapped {p['huge_mapped_fraction']}")
+PY
 # Shards for 2 ranks launched on 1: a clear error and a non-zero exit, within the time limit.
 if timeout 60 "${MPIRUN[@]}" -np 1 "$STRATA" infer --shards "$WORK/s2" --prompt x --max-tokens 1 \
     2> "$WORK/err.txt"; then

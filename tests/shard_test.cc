@@ -1,6 +1,10 @@
 // `strata shard`'s writer and reader: every rank's slices, put back together, give the original
 // tensors; the folder appears only when complete; damaged files are caught.
 #include <gtest/gtest.h>
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -204,6 +208,33 @@ TEST_F(ShardTest, TiedEmbeddingsBecomeAnExplicitLmHead) {
   ASSERT_TRUE(f.ok());
   EXPECT_EQ(Decode(**f, *FindIn((*f)->manifest(), "lm_head.weight")),
             Decode(**f, *FindIn((*f)->manifest(), "model.embed_tokens.weight")));
+}
+
+// The writer drops its own pages from the page cache once the file is durable: left there they
+// are small folios that a 2 MiB-hinted mapping could never map whole (shard_file.cc Finish).
+TEST_F(ShardTest, WrittenFilesAreNotLeftInThePageCache) {
+  struct statfs sfs {};
+  ASSERT_EQ(::statfs(dir_.c_str(), &sfs), 0);
+  if (sfs.f_type == TMPFS_MAGIC) GTEST_SKIP() << dir_ << " is tmpfs: its pages are the file";
+  auto model = HfModel::Open(dir_ + "/untied");
+  ASSERT_TRUE(model.ok());
+  const std::string out = dir_ + "/uncached";
+  ASSERT_TRUE(WriteShardFolder(**model, Slices(**model, 1), {}, out, {}).ok());
+  const std::string path = ShardPath(out, 0);
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  const auto size = static_cast<size_t>(fs::file_size(path));
+  void* map = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  ASSERT_NE(map, MAP_FAILED);
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec((size + page - 1) / page);
+  ASSERT_EQ(::mincore(map, size, vec.data()), 0);
+  size_t cached = 0;
+  for (unsigned char v : vec) cached += v & 1;
+  ::munmap(map, size);
+  ::close(fd);
+  // Most of the file is holes (blocks start on 2 MiB); without the drop its ~140 data pages stay.
+  EXPECT_LE(cached, 2u) << cached << " of " << vec.size() << " pages still cached";
 }
 
 TEST_F(ShardTest, FailuresLeaveNoPartialFolder) {
