@@ -66,7 +66,8 @@ int RunShard(const ShardArgs& a) {
   StatusOr<std::unique_ptr<runtime::HfModel>> model = runtime::HfModel::Open(a.model);
   if (!model.ok()) return fail(model.status());
   const runtime::LlamaConfig& c = (*model)->config();
-  parallel::PlanShape shape{c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32};
+  parallel::PlanShape shape{c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32,
+                            c.vocab_size};
   StatusOr<parallel::TpPlan> plan = parallel::MakeTpPlan(shape, a.ranks, ratios);
   if (!plan.ok()) return fail(plan.status());
   std::fprintf(stderr, "strata shard: %s -> %s, %d rank(s), %s weights\n%s", a.model.c_str(),

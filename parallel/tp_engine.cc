@@ -49,6 +49,29 @@ StatusOr<std::unique_ptr<TpEngine>> TpEngine::Open(const std::string& shard_dir,
     return Status::InvalidArgument(shard_dir + ": the ranks opened shards of different models "
                                    "(fingerprints differ); re-run strata shard");
   }
+  // Every rank learns who computes which LM head rows; together they must tile the vocabulary
+  // (rank files from two strata shard runs with other ratios would not).
+  const int64_t rows[2] = {e->vocab_begin_, e->vocab_end_};
+  std::vector<int64_t> all(2 * static_cast<size_t>(comm.size()));
+  STRATA_RETURN_IF_ERROR(comm.Allgather(rows, all.data(), sizeof(rows)));
+  int64_t at = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    const int64_t b = all[2 * static_cast<size_t>(r)], end = all[2 * static_cast<size_t>(r) + 1];
+    e->head_rows_.emplace_back(b, end);
+    if (end == b) continue;
+    if (b != at) {
+      return Status::InvalidArgument(fmt::format(
+          "{}: rank {} computes LM head rows [{}, {}) but the ranks before it end at {}: the "
+          "rank files come from different strata shard runs; re-run strata shard", shard_dir, r,
+          b, end, at));
+    }
+    at = end;
+  }
+  if (at != e->config_.vocab_size) {
+    return Status::InvalidArgument(fmt::format(
+        "{}: the ranks' LM head rows end at {}, the vocabulary has {}; re-run strata shard",
+        shard_dir, at, e->config_.vocab_size));
+  }
   return e;
 }
 
@@ -100,9 +123,31 @@ Status TpEngine::Load(const std::string& shard_dir) {
       (std::string(kind) == "input_layernorm.weight" ? input_norm_ : post_norm_)[layer] = as_f32();
     }
   }
-  if (rank == 0 && (embed_.empty() || lm_head_.empty() || final_norm_.size() != size_t(hidden))) {
-    return Status::Corruption(shard_->path() + ": rank 0's shard lacks embeddings, final norm or "
-                              "LM head");
+  if (rank == 0 && embed_.empty()) {
+    return Status::Corruption(shard_->path() + ": rank 0's shard lacks the embeddings");
+  }
+  // The LM head rows this rank computes: its slice's range, or (shards written before the head
+  // was split) all of them on rank 0 and none elsewhere.
+  if (m.slice().vocab_end() > 0) {
+    vocab_begin_ = m.slice().vocab_begin();
+    vocab_end_ = m.slice().vocab_end();
+  } else if (rank == 0) {
+    vocab_begin_ = 0;
+    vocab_end_ = config_.vocab_size;
+  }
+  if (vocab_begin_ < 0 || vocab_end_ < vocab_begin_ || vocab_end_ > config_.vocab_size) {
+    return Status::Corruption(fmt::format("{}: LM head rows [{}, {}) outside the vocabulary of {}",
+                                          shard_->path(), vocab_begin_, vocab_end_,
+                                          config_.vocab_size));
+  }
+  if (vocab_end_ > vocab_begin_) {
+    const size_t want = kernels::WeightBytes(wtype_, vocab_end_ - vocab_begin_, hidden);
+    if (lm_head_.size() != want || final_norm_.size() != static_cast<size_t>(hidden)) {
+      return Status::Corruption(fmt::format(
+          "{}: LM head rows [{}, {}) need a {}-byte lm_head.weight and the final norm; the shard "
+          "has {} bytes and a final norm of {} floats", shard_->path(), vocab_begin_, vocab_end_,
+          want, lm_head_.size(), final_norm_.size()));
+    }
   }
   std::vector<memory::BlockExtent> extents;
   for (const proto::BlockEntry& b : m.blocks()) extents.push_back({b.offset(), b.bytes()});
@@ -282,14 +327,46 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
     window_->Release(ffn_index);
     STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));
   }
-  if (comm_.rank() != 0) return Status::OK();
   const int64_t first = all_logits ? 0 : n - 1;
-  const int64_t rows = n - first;
-  kernels::RmsNorm(h.data(), x.data() + first * hidden, final_norm_.data(), rows, hidden,
-                   c.rms_norm_eps);
-  logits->assign(static_cast<size_t>(rows * c.vocab_size), 0.0f);
-  kernels::Linear(logits->data(), h.data(), lm_head_.data(), wtype_, rows, c.vocab_size, hidden,
-                  pool_);
+  return Head(x.data() + first * hidden, n - first, logits);
+}
+
+Status TpEngine::Head(const float* x, int64_t rows, std::vector<float>* logits) {
+  const int64_t hidden = config_.hidden_size, vocab = config_.vocab_size;
+  const int64_t mine = vocab_end_ - vocab_begin_;
+  const int rank = comm_.rank();
+  if (mine == 0 && rank != 0) return Status::OK();
+  constexpr int kLogitsTag = 1;
+  if (mine > 0) {
+    std::vector<float>& h = scratch_.h;
+    if (h.size() < static_cast<size_t>(rows * hidden)) h.resize(static_cast<size_t>(rows * hidden));
+    kernels::RmsNorm(h.data(), x, final_norm_.data(), rows, hidden, config_.rms_norm_eps);
+    head_part_.resize(static_cast<size_t>(rows * mine));
+    kernels::Linear(head_part_.data(), h.data(), lm_head_.data(), wtype_, rows, mine, hidden,
+                    pool_);
+  }
+  if (rank != 0) return comm_.Send(0, head_part_.data(), head_part_.size() * sizeof(float), kLogitsTag);
+  // Rank 0: its own columns, then every other rank's, in place (rows x columns of each).
+  logits->resize(static_cast<size_t>(rows * vocab));
+  auto place = [&](const float* part, int64_t begin, int64_t cols) {
+    if (rows == 1) {
+      std::memcpy(logits->data() + begin, part, static_cast<size_t>(cols) * sizeof(float));
+      return;
+    }
+    for (int64_t t = 0; t < rows; ++t) {
+      std::memcpy(logits->data() + t * vocab + begin, part + t * cols,
+                  static_cast<size_t>(cols) * sizeof(float));
+    }
+  };
+  if (mine > 0) place(head_part_.data(), vocab_begin_, mine);
+  std::vector<float> got;
+  for (int r = 1; r < comm_.size(); ++r) {
+    const auto [b, end] = head_rows_[static_cast<size_t>(r)];
+    if (end == b) continue;
+    got.resize(static_cast<size_t>(rows * (end - b)));
+    STRATA_RETURN_IF_ERROR(comm_.Recv(r, got.data(), got.size() * sizeof(float), kLogitsTag));
+    place(got.data(), b, end - b);
+  }
   return Status::OK();
 }
 

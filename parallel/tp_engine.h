@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "base/aligned_buffer.h"
@@ -55,12 +56,12 @@ class TpEngine {
   int64_t allreduce_ns() const { return allreduce_ns_; }
   memory::WindowMode window_mode() const { return window_->mode(); }
   uint64_t resident_bytes() const;
-  // Weight bytes this rank reads to decode one token: every block of its shard, plus the LM
-  // head on rank 0 (the embedding contributes one row). Divided by the streaming read bandwidth
+  // Weight bytes this rank reads to decode one token: every block of its shard, plus its rows of
+  // the LM head (the embedding contributes one row). Divided by the streaming read bandwidth
   // it gives the rank's decode floor.
   uint64_t decode_weight_bytes() const;
   // What this rank's memory must hold: W blocks of the largest size (all blocks when resident),
-  // the resident tensors (norms; embeddings and LM head on rank 0) and the KV cache. The
+  // the resident tensors (norms, LM head rows; embeddings on rank 0) and the KV cache. The
   // issue's RSS bound is 1.2 x this + 64 MiB.
   uint64_t memory_budget_bytes() const;
 
@@ -74,6 +75,9 @@ class TpEngine {
   StatusOr<BlockTensors> AcquireBlock(int index);
   Status AllreduceInto(float* residual, float* partial, int64_t count);
   Status Embed(const int32_t* tokens, int64_t n, float* x);
+  // Final norm and this rank's LM head rows for positions [first, first + rows) of x; rank 0
+  // gathers every rank's columns into `logits` [rows, vocab].
+  Status Head(const float* x, int64_t rows, std::vector<float>* logits);
 
   comm::Communicator& comm_;
   EngineOptions opts_;
@@ -82,10 +86,15 @@ class TpEngine {
   std::unique_ptr<runtime::ShardFile> shard_;
   std::unique_ptr<memory::WeightWindow> window_;
   int64_t heads_ = 0, kv_heads_ = 0, ffn_ = 0, max_seq_ = 0;
-  // Resident: per-layer norms (every rank); embeddings, final norm, LM head (rank 0).
+  // Resident: per-layer norms (every rank); embeddings (rank 0); final norm and LM head rows
+  // [vocab_begin_, vocab_end_) on every rank that has rows (rank 0 alone, with all of them, in
+  // shards written before the head was split).
   std::vector<std::vector<float>> input_norm_, post_norm_;
   std::vector<float> final_norm_;
   std::vector<uint8_t> embed_, lm_head_;
+  int64_t vocab_begin_ = 0, vocab_end_ = 0;
+  std::vector<std::pair<int64_t, int64_t>> head_rows_;  // every rank's [begin, end), from Open
+  std::vector<float> head_part_;  // a rank's logits before they are gathered
   std::vector<AlignedBuffer> k_cache_, v_cache_;  // per layer [max_seq, kv_heads_, head_dim]
   struct Scratch {
     std::vector<float> x, h, part, q, att, k, v, gate, up;

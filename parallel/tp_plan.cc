@@ -104,10 +104,14 @@ StatusOr<TpPlan> MakeTpPlan(const PlanShape& shape, int ranks, std::vector<doubl
   const int64_t ffn_units = (shape.intermediate + shape.ffn_align - 1) / shape.ffn_align;
   STRATA_ASSIGN_OR_RETURN(std::vector<int64_t> kv, Apportion(shape.n_kv_heads, ratios, "kv head"));
   STRATA_ASSIGN_OR_RETURN(std::vector<int64_t> ffn, Apportion(ffn_units, ratios, "FFN columns"));
+  std::vector<int64_t> vocab(static_cast<size_t>(ranks), 0);
+  if (shape.vocab > 0) {
+    STRATA_ASSIGN_OR_RETURN(vocab, Apportion(shape.vocab, ratios, "vocabulary rows"));
+  }
 
   TpPlan plan;
   plan.ratios = ratios;
-  int64_t kv_at = 0, ffn_at = 0;
+  int64_t kv_at = 0, ffn_at = 0, vocab_at = 0;
   for (int r = 0; r < ranks; ++r) {
     RankSlice s;
     s.kv_head_begin = kv_at;
@@ -116,8 +120,11 @@ StatusOr<TpPlan> MakeTpPlan(const PlanShape& shape, int ranks, std::vector<doubl
     s.head_end = s.kv_head_end * group;
     s.ffn_begin = std::min(ffn_at * shape.ffn_align, shape.intermediate);
     s.ffn_end = std::min((ffn_at + ffn[r]) * shape.ffn_align, shape.intermediate);
+    s.vocab_begin = vocab_at;
+    s.vocab_end = vocab_at + vocab[r];
     kv_at += kv[r];
     ffn_at += ffn[r];
+    vocab_at += vocab[r];
     plan.slices.push_back(s);
   }
   return plan;
@@ -133,6 +140,8 @@ std::vector<proto::RankSlice> ToProtoSlices(const TpPlan& plan) {
     p.set_head_end(s.head_end);
     p.set_ffn_begin(s.ffn_begin);
     p.set_ffn_end(s.ffn_end);
+    p.set_vocab_begin(s.vocab_begin);
+    p.set_vocab_end(s.vocab_end);
     out.push_back(p);
   }
   return out;
@@ -142,9 +151,13 @@ std::string TpPlan::ToString() const {
   std::string out;
   for (size_t r = 0; r < slices.size(); ++r) {
     const RankSlice& s = slices[r];
-    out += fmt::format("rank {}: ratio {:.3f}, kv heads [{}, {}), heads [{}, {}), ffn [{}, {})\n",
+    out += fmt::format("rank {}: ratio {:.3f}, kv heads [{}, {}), heads [{}, {}), ffn [{}, {})",
                        r, ratios[r], s.kv_head_begin, s.kv_head_end, s.head_begin, s.head_end,
                        s.ffn_begin, s.ffn_end);
+    if (s.vocab_end > s.vocab_begin) {
+      out += fmt::format(", lm head rows [{}, {})", s.vocab_begin, s.vocab_end);
+    }
+    out += "\n";
   }
   return out;
 }

@@ -230,8 +230,10 @@ Status WriteRanks(const HfModel& model, const std::vector<proto::RankSlice>& sli
     return v;
   };
 
-  // Rank 0 owns the embedding, the final norm and the LM head (tied embeddings are written as an
-  // explicit LM head so the engine has one code path).
+  // Rank 0 owns the embedding. The LM head (tied embeddings are written as an explicit head so
+  // the engine has one code path) is split by vocabulary rows where the slices say so, and then
+  // every rank also keeps the final norm; slices without a vocabulary range (vocab_end 0) give
+  // the whole head and the final norm to rank 0, as shards did before the head was split.
   {
     STRATA_ASSIGN_OR_RETURN(std::vector<float> emb,
                             read("model.embed_tokens.weight", c.vocab_size * hidden));
@@ -239,15 +241,38 @@ Status WriteRanks(const HfModel& model, const std::vector<proto::RankSlice>& sli
                                                                    {c.vocab_size, hidden}, wdt));
     *manifests[0].add_resident() = e;
     tick();
+    const bool split = slices[0].vocab_end() > 0;
+    if (split) {
+      int64_t at = 0;
+      for (const proto::RankSlice& s : slices) {
+        if (s.vocab_begin() != at || s.vocab_end() <= s.vocab_begin()) {
+          return Status::InvalidArgument("LM head rows of the slices must tile the vocabulary");
+        }
+        at = s.vocab_end();
+      }
+      if (at != c.vocab_size) {
+        return Status::InvalidArgument(fmt::format(
+            "LM head rows of the slices end at {}, the vocabulary has {}", at, c.vocab_size));
+      }
+    }
     STRATA_ASSIGN_OR_RETURN(std::vector<float> norm, read("model.norm.weight", hidden));
-    STRATA_ASSIGN_OR_RETURN(e, builders[0]->Add("model.norm.weight", norm, {hidden}, "f32"));
-    *manifests[0].add_resident() = e;
+    for (int r = 0; r < (split ? ranks : 1); ++r) {
+      STRATA_ASSIGN_OR_RETURN(e, builders[static_cast<size_t>(r)]->Add("model.norm.weight", norm,
+                                                                       {hidden}, "f32"));
+      *manifests[static_cast<size_t>(r)].add_resident() = e;
+    }
     tick();
     if (!c.tie_word_embeddings) {
       STRATA_ASSIGN_OR_RETURN(emb, read("lm_head.weight", c.vocab_size * hidden));
     }
-    STRATA_ASSIGN_OR_RETURN(e, builders[0]->Add("lm_head.weight", emb, {c.vocab_size, hidden}, wdt));
-    *manifests[0].add_resident() = e;
+    for (int r = 0; r < (split ? ranks : 1); ++r) {
+      const int64_t v0 = split ? slices[static_cast<size_t>(r)].vocab_begin() : 0;
+      const int64_t v1 = split ? slices[static_cast<size_t>(r)].vocab_end() : c.vocab_size;
+      STRATA_ASSIGN_OR_RETURN(
+          e, builders[static_cast<size_t>(r)]->Add("lm_head.weight", Rows(emb, hidden, v0, v1),
+                                                   {v1 - v0, hidden}, wdt));
+      *manifests[static_cast<size_t>(r)].add_resident() = e;
+    }
     tick();
   }
 

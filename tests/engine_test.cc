@@ -57,6 +57,8 @@ class EngineTest : public ::testing::Test {
     vocab_ = (*model)->config().vocab_size;
     for (const char* dtype : {"f32", "q8_0"}) {
       for (int ranks : {1, 2}) Shard(**model, ranks, dtype);
+      // Shards from before the LM head was split: the whole head on rank 0.
+      ShardTo(**model, 2, {}, dtype, ShardDir(2, dtype) + "-whole-head", /*split_head=*/false);
     }
     // A second model with 4 KV heads, for 3 and 4 ranks; head size 16 with 2 heads per KV group
     // keeps every rank's o_proj slice a multiple of q8_0's 32-wide blocks. Same tokenizer, so
@@ -85,11 +87,14 @@ class EngineTest : public ::testing::Test {
   }
 
   // Shards `m` for `ranks` with `ratios` (empty = equal) into `out`; returns the KV heads per rank.
+  // split_head false writes the layout of shards from before the LM head was split (the whole
+  // head and the final norm on rank 0), which the engine still reads.
   static std::vector<int64_t> ShardTo(const runtime::HfModel& m, int ranks,
                                       const std::vector<double>& ratios, const std::string& dtype,
-                                      const std::string& out) {
+                                      const std::string& out, bool split_head = true) {
     const auto& c = m.config();
-    auto plan = MakeTpPlan({c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32},
+    auto plan = MakeTpPlan({c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32,
+                            split_head ? c.vocab_size : 0},
                            ranks, ratios);
     EXPECT_TRUE(plan.ok()) << plan.status().ToString();
     if (!plan.ok()) return {};
@@ -180,14 +185,17 @@ TEST_F(EngineTest, Q8_0StaysCloseToFullPrecision) {
   EXPECT_LE(RelErr(*q, reference_), 5e-2);  // int8 weights: close, not equal
 }
 
-// Two ranks as processes over tcp: rank 0's logits equal the one-rank run's.
+// Two ranks as processes over tcp: rank 0's logits equal the one-rank run's, with the LM head
+// split by vocabulary rows and (shards written before it was) whole on rank 0.
 TEST_F(EngineTest, TwoRanksMatchOneRank) {
   for (const std::string dtype : {"f32", "q8_0"}) {
     auto one = SingleRank(ShardDir(1, dtype), {}, true);
     ASSERT_TRUE(one.ok());
-    const std::string shards = ShardDir(2, dtype);
+    const std::string legacy = ShardDir(2, dtype) + "-whole-head";
     const std::vector<float> want = *one;
-    for (comm::Algorithm algo : {comm::Algorithm::kStar, comm::Algorithm::kRing}) {
+    for (auto [shards, algo] : {std::pair{ShardDir(2, dtype), comm::Algorithm::kStar},
+                                std::pair{ShardDir(2, dtype), comm::Algorithm::kRing},
+                                std::pair{legacy, comm::Algorithm::kStar}}) {
       comm::tcp::TcpOptions tcp;
       tcp.ifname = "lo";
       testing::ProcessGroup group(2, tcp, comm::CommConfig{}, [&](comm::Communicator& c) {
@@ -213,7 +221,8 @@ TEST_F(EngineTest, TwoRanksMatchOneRank) {
         return testing::ChildResult{st, 0};
       });
       for (const auto& r : group.Wait()) {
-        EXPECT_EQ(r.exit_code, 0) << dtype << " " << comm::AlgorithmName(algo) << ": " << r.message;
+        EXPECT_EQ(r.exit_code, 0) << dtype << " " << shards << " " << comm::AlgorithmName(algo)
+                                  << ": " << r.message;
       }
     }
   }
@@ -273,6 +282,30 @@ TEST_F(EngineTest, ThreeAndFourRanksWithUnevenRatiosMatchOneRank) {
       }
     }
   }
+}
+
+// Rank files from two strata shard runs with other ratios: their LM head rows overlap, which
+// Open reports on every rank instead of computing garbage.
+TEST_F(EngineTest, RankFilesFromDifferentSplitsAreAClearError) {
+  auto model = runtime::HfModel::Open(dir_ + "/model");
+  ASSERT_TRUE(model.ok());
+  const std::string a = dir_ + "/split-3-1", b = dir_ + "/split-1-1", mixed = dir_ + "/mixed";
+  ShardTo(**model, 2, {3, 1}, "f32", a);
+  ShardTo(**model, 2, {}, "f32", b);
+  fs::create_directories(mixed);
+  for (const char* f : {"config.json", "tokenizer.model"}) fs::copy_file(a + "/" + f, mixed + "/" + f);
+  fs::copy_file(runtime::ShardPath(a, 0), runtime::ShardPath(mixed, 0));
+  fs::copy_file(runtime::ShardPath(b, 1), runtime::ShardPath(mixed, 1));
+  comm::tcp::TcpOptions tcp;
+  tcp.ifname = "lo";
+  testing::ProcessGroup group(2, tcp, comm::CommConfig{}, [&](comm::Communicator& c) {
+    auto engine = TpEngine::Open(mixed, c, {});
+    if (engine.ok()) return testing::ChildResult{Status::Internal("mixed shards opened"), 0};
+    const bool clear = engine.status().message().find("different strata shard runs") !=
+                       std::string::npos;
+    return testing::ChildResult{clear ? Status::OK() : engine.status(), 0};
+  });
+  for (const auto& r : group.Wait()) EXPECT_EQ(r.exit_code, 0) << r.message;
 }
 
 TEST_F(EngineTest, WrongRankCountIsAClearError) {

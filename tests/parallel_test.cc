@@ -7,11 +7,16 @@
 namespace strata::parallel {
 namespace {
 
-const PlanShape kTinyLlama{32, 4, 5632, 32};
+const PlanShape kTinyLlama{32, 4, 5632, 32, 32000};
 
 void ExpectCovers(const TpPlan& p, const PlanShape& s) {
-  int64_t kv = 0, heads = 0, ffn = 0;
+  int64_t kv = 0, heads = 0, ffn = 0, vocab = 0;
   for (const RankSlice& r : p.slices) {
+    EXPECT_EQ(r.vocab_begin, vocab);
+    if (s.vocab > 0) {
+      EXPECT_GT(r.vocab_end, r.vocab_begin);
+    }
+    vocab = r.vocab_end;
     EXPECT_EQ(r.kv_head_begin, kv);
     EXPECT_EQ(r.head_begin, heads);
     EXPECT_EQ(r.ffn_begin, ffn);
@@ -26,6 +31,7 @@ void ExpectCovers(const TpPlan& p, const PlanShape& s) {
   EXPECT_EQ(kv, s.n_kv_heads);
   EXPECT_EQ(heads, s.n_heads);
   EXPECT_EQ(ffn, s.intermediate);
+  EXPECT_EQ(vocab, s.vocab);  // 0: the head is not split and every range is empty
 }
 
 TEST(TpPlan, EqualSplitsForAnyRankCountUpToKvHeads) {
@@ -42,6 +48,9 @@ TEST(TpPlan, EqualSplitsForAnyRankCountUpToKvHeads) {
   EXPECT_EQ(p3.slices[2].ffn(), 58 * 32);
   EXPECT_EQ(p3.slices[0].kv_heads(), 2);
   EXPECT_EQ(p3.slices[1].kv_heads(), 1);
+  // 32000 LM head rows -> 10667, 10667, 10666.
+  EXPECT_EQ(p3.slices[0].vocab_end, 10667);
+  EXPECT_EQ(p3.slices[2].vocab_end - p3.slices[2].vocab_begin, 10666);
 }
 
 TEST(TpPlan, UnevenRatiosForUnequalMachines) {
@@ -50,6 +59,7 @@ TEST(TpPlan, UnevenRatiosForUnequalMachines) {
   EXPECT_EQ(p.slices[0].kv_heads(), 2);
   EXPECT_EQ(p.slices[0].ffn(), 88 * 32);
   EXPECT_EQ(p.slices[1].ffn(), 44 * 32);
+  EXPECT_EQ(p.slices[0].vocab_end, 16000);  // the head follows the ratios too
   EXPECT_NEAR(p.ratios[0], 0.5, 1e-12);
 }
 

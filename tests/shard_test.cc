@@ -44,7 +44,8 @@ class ShardTest : public ::testing::Test {
                                               std::vector<double> ratios = {}) {
     const LlamaConfig& c = m.config();
     StatusOr<parallel::TpPlan> plan = parallel::MakeTpPlan(
-        {c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32}, ranks, ratios);
+        {c.num_attention_heads, c.num_key_value_heads, c.intermediate_size, 32, c.vocab_size},
+        ranks, ratios);
     EXPECT_TRUE(plan.ok()) << plan.status().ToString();
     std::vector<proto::RankSlice> out = parallel::ToProtoSlices(*plan);
     return out;
@@ -134,11 +135,27 @@ TEST_F(ShardTest, SlicesReassembleToTheOriginalForEveryDtypeAndSplit) {
         for (const auto& b : (*f)->manifest().blocks()) EXPECT_EQ(b.offset() % kShardAlign, 0u);
         files.push_back(std::move(*f));
       }
-      // Rank 0 alone holds embeddings, final norm and LM head.
-      EXPECT_NE(FindIn(files[0]->manifest(), "lm_head.weight"), nullptr);
+      // Rank 0 alone holds the embeddings; every rank holds the final norm and its slice's rows
+      // of the LM head, which concatenate to the original head.
       if (split.ranks > 1) {
-        EXPECT_EQ(FindIn(files[1]->manifest(), "lm_head.weight"), nullptr);
+        EXPECT_EQ(FindIn(files[1]->manifest(), "model.embed_tokens.weight"), nullptr);
       }
+      std::vector<float> head;
+      for (int r = 0; r < split.ranks; ++r) {
+        const auto& m = files[static_cast<size_t>(r)]->manifest();
+        ASSERT_NE(FindIn(m, "model.norm.weight"), nullptr) << "rank " << r;
+        const auto* e = FindIn(m, "lm_head.weight");
+        ASSERT_NE(e, nullptr) << "rank " << r;
+        EXPECT_EQ(e->shape(0), m.slice().vocab_end() - m.slice().vocab_begin());
+        EXPECT_EQ(m.slice().vocab_begin(), static_cast<int64_t>(head.size()) / hidden);
+        const auto rows = Decode(*files[static_cast<size_t>(r)], *e);
+        head.insert(head.end(), rows.begin(), rows.end());
+      }
+      if (split.ratios.size() == 2) {  // 3:1 gives rank 0 three quarters of the vocabulary
+        EXPECT_EQ(files[0]->manifest().slice().vocab_end(), (3 * c.vocab_size + 2) / 4);
+      }
+      EXPECT_EQ(head, AsStored(Original(**model, "lm_head.weight", c.vocab_size * hidden), dtype,
+                               hidden));
       const auto emb = Decode(*files[0], *FindIn(files[0]->manifest(), "model.embed_tokens.weight"));
       EXPECT_EQ(emb, AsStored(Original(**model, "model.embed_tokens.weight",
                                        c.vocab_size * hidden), dtype, hidden));
