@@ -156,8 +156,10 @@ class OpsRefTest : public ::testing::Test {
     // Odd sizes exercise the 4-row blocking tail and the vector-loop tails; N = 257 splits over
     // a 2-thread pool (decode) and over several 64-row prefill blocks.
     struct Shape { int64_t M, N, K; };
+    // K = 608 is 19 q8_0 blocks: the decode kernel's groups of eight, a pair and a last block.
     const Shape shapes[] = {{1, 37, 96}, {7, 37, 96}, {1, 37, 101}, {3, 37, 101},
-                            {1, 257, 160}, {9, 257, 160}, {70, 130, 64}};
+                            {1, 257, 160}, {9, 257, 160}, {70, 130, 64}, {1, 37, 608},
+                            {3, 37, 608}};
     for (WeightType wt : {WeightType::kF32, WeightType::kBF16, WeightType::kQ8_0}) {
       for (const Shape& s : shapes) {
         if (wt == WeightType::kQ8_0 && s.K % kQ8BlockSize != 0) continue;
