@@ -18,7 +18,8 @@
 # TOKENS (32), THREADS (cores; ranks get THREADS / N each), PEER (1: run the PyTorch peer),
 # REPEATS (3: each row runs this many times, alternating with the other windows; the tables
 # show medians and every run's figure).
-# The shards are read once before timing so that every run finds them in page cache.
+# Before each rank count x dtype the shards' page cache is dropped and read back (2 MiB folios),
+# so every run finds them cached.
 set -euo pipefail
 STRATA="$1"; WORK="$2"; OUT="${3:-$WORK/decode_bench.jsonl}"
 SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

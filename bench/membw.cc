@@ -69,16 +69,16 @@ MembwProbe::MembwProbe(size_t bytes, ThreadPool* pool)
 double MembwProbe::PassGbps() {
   const float* p = buf_.as<float>();
   const auto threads = static_cast<size_t>(pool_->size());
-  std::vector<float> partial(threads, 0.0f);
+  partial_.assign(threads, 0.0f);
   const uint64_t t0 = NowNs();
   pool_->ParallelFor(threads, [&](size_t b, size_t e) {
     for (size_t t = b; t < e; ++t) {
       const size_t lo = n_ * t / threads, hi = n_ * (t + 1) / threads;
-      partial[t] = SumRange(p + lo, hi - lo);
+      partial_[t] = SumRange(p + lo, hi - lo);
     }
   });
   const uint64_t t1 = NowNs();
-  for (float x : partial) sink_ = sink_ + x;
+  for (float x : partial_) sink_ = sink_ + x;
   return static_cast<double>(n_ * sizeof(float)) / static_cast<double>(t1 - t0);
 }
 

@@ -349,23 +349,19 @@ Status TpEngine::Head(const float* x, int64_t rows, std::vector<float>* logits) 
   // Rank 0: its own columns, then every other rank's, in place (rows x columns of each).
   logits->resize(static_cast<size_t>(rows * vocab));
   auto place = [&](const float* part, int64_t begin, int64_t cols) {
-    if (rows == 1) {
-      std::memcpy(logits->data() + begin, part, static_cast<size_t>(cols) * sizeof(float));
-      return;
-    }
     for (int64_t t = 0; t < rows; ++t) {
       std::memcpy(logits->data() + t * vocab + begin, part + t * cols,
                   static_cast<size_t>(cols) * sizeof(float));
     }
   };
   if (mine > 0) place(head_part_.data(), vocab_begin_, mine);
-  std::vector<float> got;
   for (int r = 1; r < comm_.size(); ++r) {
     const auto [b, end] = head_rows_[static_cast<size_t>(r)];
     if (end == b) continue;
-    got.resize(static_cast<size_t>(rows * (end - b)));
-    STRATA_RETURN_IF_ERROR(comm_.Recv(r, got.data(), got.size() * sizeof(float), kLogitsTag));
-    place(got.data(), b, end - b);
+    head_recv_.resize(static_cast<size_t>(rows * (end - b)));
+    STRATA_RETURN_IF_ERROR(
+        comm_.Recv(r, head_recv_.data(), head_recv_.size() * sizeof(float), kLogitsTag));
+    place(head_recv_.data(), b, end - b);
   }
   return Status::OK();
 }

@@ -94,7 +94,9 @@ class TpEngine {
   std::vector<uint8_t> embed_, lm_head_;
   int64_t vocab_begin_ = 0, vocab_end_ = 0;
   std::vector<std::pair<int64_t, int64_t>> head_rows_;  // every rank's [begin, end), from Open
-  std::vector<float> head_part_;  // a rank's logits before they are gathered
+  // A rank's logits before they are gathered; rank 0's receive buffer for another rank's. Both
+  // only grow: a decode step allocates nothing.
+  std::vector<float> head_part_, head_recv_;
   std::vector<AlignedBuffer> k_cache_, v_cache_;  // per layer [max_seq, kv_heads_, head_dim]
   struct Scratch {
     std::vector<float> x, h, part, q, att, k, v, gate, up;
