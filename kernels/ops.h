@@ -20,7 +20,7 @@ const char* WeightTypeName(WeightType t);
 size_t WeightBytes(WeightType t, int64_t out_features, int64_t in_features);
 
 // y[m, n] = sum_k x[m, k] * W[n, k] for m < M (tokens), n < N (out features), k < K (in).
-// W is [N, K] as Hugging Face stores it (bf16 as raw bits, q8_0 as ggml blocks). M == 1 (decode)
+// W is [N, K] as Hugging Face stores it (bf16 as raw bits, q8_0 as rows of kernels/quant.h). M == 1 (decode)
 // streams W once, split by rows over the pool. f32 and bf16 multiply in f32; q8_0 on the avx512
 // path quantizes x per 32-block to int16 and uses VNNI integer dot products (relative error
 // ~1e-5, far below q8_0's own), on avx2/generic it widens the weights to f32. M > 1 (prefill):

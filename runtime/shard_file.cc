@@ -415,8 +415,10 @@ StatusOr<std::unique_ptr<ShardFile>> ShardFile::Open(const std::string& path) {
     return Status::InvalidArgument(path + " is not a strata shard file (bad magic)");
   }
   if (h.version != kShardFormatVersion) {
-    return Status::InvalidArgument(fmt::format("{}: shard format version {}, this strata reads {}",
-                                               path, h.version, kShardFormatVersion));
+    return Status::InvalidArgument(fmt::format(
+        "{}: shard format version {}, this strata reads {}; run `strata shard` again on the "
+        "model to rewrite it",
+        path, h.version, kShardFormatVersion));
   }
   if (h.manifest_offset > f->file_size_ || h.manifest_bytes > f->file_size_ - h.manifest_offset) {
     return Status::DataLoss(path + ": manifest lies past the end of the file (truncated?)");

@@ -16,7 +16,9 @@ namespace strata::runtime {
 
 class HfModel;
 
-inline constexpr uint32_t kShardFormatVersion = 1;
+// 2: q8_0 matrices are stored row by row as values then scales (kernels/quant.h); version 1 had
+// ggml's interleaved blocks. A version-1 folder is refused with a request to re-shard.
+inline constexpr uint32_t kShardFormatVersion = 2;
 inline constexpr uint64_t kShardAlign = 4096;
 // Blocks start on 2 MiB boundaries (the padding is a hole in the file, no disk): a reader that
 // maps the file 2 MiB-aligned can then map each block with transparent huge pages and drop it

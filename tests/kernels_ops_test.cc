@@ -156,7 +156,8 @@ class OpsRefTest : public ::testing::Test {
     // Odd sizes exercise the 4-row blocking tail and the vector-loop tails; N = 257 splits over
     // a 2-thread pool (decode) and over several 64-row prefill blocks.
     struct Shape { int64_t M, N, K; };
-    // K = 608 is 19 q8_0 blocks: the decode kernel's groups of eight, a pair and a last block.
+    // K = 608 is 19 q8_0 blocks: the decode kernel's two groups of eight, then three single blocks
+    // (and 646-byte rows, so most rows start off any alignment).
     const Shape shapes[] = {{1, 37, 96}, {7, 37, 96}, {1, 37, 101}, {3, 37, 101},
                             {1, 257, 160}, {9, 257, 160}, {70, 130, 64}, {1, 37, 608},
                             {3, 37, 608}};
@@ -425,23 +426,39 @@ TEST(OpsTest, Q8RoundTripWithinHalfAStep) {
   for (int i = 64; i < 96; ++i) EXPECT_EQ(back[static_cast<size_t>(i)], 0.0f);
 }
 
-TEST(OpsTest, Q8LayoutIsGgml) {
-  // Hand-computed block: x[i] = i - 16 for i < 32, so max|x| = 16, d = 16/127 and q[i] = round(
-  // (i - 16) * 127 / 16); the f16 scale 16/127 = 0.125984... rounds to 0x3008 (0.1259765625).
-  std::vector<float> x(32);
-  for (int i = 0; i < 32; ++i) x[static_cast<size_t>(i)] = static_cast<float>(i - 16);
-  BlockQ8_0 blk;
-  QuantizeRowsQ8_0(x.data(), &blk, 1, 32);
-  EXPECT_EQ(blk.d, 0x3008);
-  EXPECT_EQ(blk.qs[0], -127);
-  EXPECT_EQ(blk.qs[16], 0);
-  EXPECT_EQ(blk.qs[17], 8);    // 7.9375 -> 8
-  EXPECT_EQ(blk.qs[18], 16);   // 15.875 -> 16
-  EXPECT_EQ(blk.qs[31], 119);  // 119.0625 -> 119
-  const auto* raw = reinterpret_cast<const uint8_t*>(&blk);
-  EXPECT_EQ(raw[0], 0x08);  // little-endian f16 first, then the 32 quants
-  EXPECT_EQ(raw[1], 0x30);
-  EXPECT_EQ(static_cast<int8_t>(raw[2]), -127);
+TEST(OpsTest, Q8LayoutIsValuesThenScalesPerRow) {
+  // Two rows of two hand-computed blocks. Block 0 of row 0: x[i] = i - 16, so max|x| = 16,
+  // d = 16/127 and q[i] = round((i - 16) * 127 / 16); the f16 scale 16/127 = 0.125984... rounds
+  // to 0x3008 (0.1259765625). Block 1 of row 0 is block 0 doubled: q alike, d = 0x3408. Row 1 is
+  // row 0 negated: q negated, scales alike.
+  std::vector<float> x(2 * 64);
+  for (int i = 0; i < 32; ++i) {
+    x[static_cast<size_t>(i)] = static_cast<float>(i - 16);
+    x[static_cast<size_t>(32 + i)] = 2.0f * static_cast<float>(i - 16);
+  }
+  for (int i = 0; i < 64; ++i) x[static_cast<size_t>(64 + i)] = -x[static_cast<size_t>(i)];
+  std::vector<uint8_t> raw(WeightBytes(WeightType::kQ8_0, 2, 64));
+  ASSERT_EQ(raw.size(), 2u * (64u + 4u));
+  QuantizeRowsQ8_0(x.data(), raw.data(), 2, 64);
+  auto q = [&](int row, int k) { return static_cast<int8_t>(raw[static_cast<size_t>(row * 68 + k)]); };
+  auto d = [&](int row, int b) {
+    return raw[static_cast<size_t>(row * 68 + 64 + 2 * b)] |
+           raw[static_cast<size_t>(row * 68 + 64 + 2 * b + 1)] << 8;  // little-endian f16
+  };
+  for (int row = 0; row < 2; ++row) {
+    const int sign = row == 0 ? 1 : -1;
+    for (int b = 0; b < 2; ++b) {
+      EXPECT_EQ(q(row, 32 * b + 0), sign * -127);
+      EXPECT_EQ(q(row, 32 * b + 16), 0);
+      EXPECT_EQ(q(row, 32 * b + 17), sign * 8);    // 7.9375 -> 8
+      EXPECT_EQ(q(row, 32 * b + 18), sign * 16);   // 15.875 -> 16
+      EXPECT_EQ(q(row, 32 * b + 31), sign * 119);  // 119.0625 -> 119
+    }
+    EXPECT_EQ(d(row, 0), 0x3008);
+    EXPECT_EQ(d(row, 1), 0x3408);
+  }
+  EXPECT_EQ(Q8RowValues(raw.data(), 64, 1), reinterpret_cast<const int8_t*>(raw.data()) + 68);
+  EXPECT_EQ(reinterpret_cast<const uint8_t*>(Q8RowScales(raw.data(), 64, 1)), raw.data() + 132);
 }
 
 TEST(OpsTest, WeightBytes) {

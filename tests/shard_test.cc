@@ -306,6 +306,21 @@ TEST_F(ShardTest, DamagedFilesAreCaught) {
   fs::resize_file(truncated, size - 100);
   EXPECT_EQ(ShardFile::Open(truncated).status().code(), StatusCode::kDataLoss);
 
+  // A file of an older format (version 1 stored q8_0 as ggml's interleaved blocks) is refused
+  // with what to do about it, not misread.
+  const std::string old_format = dir_ + "/old.shard";
+  fs::copy_file(path, old_format);
+  {
+    std::fstream io(old_format, std::ios::in | std::ios::out | std::ios::binary);
+    io.seekp(8);  // after the 8-byte magic: the little-endian uint32 version
+    const uint32_t one = 1;
+    io.write(reinterpret_cast<const char*>(&one), sizeof(one));
+  }
+  const Status old_status = ShardFile::Open(old_format).status();
+  EXPECT_EQ(old_status.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(old_status.message().find("format version 1"), std::string::npos) << old_status.ToString();
+  EXPECT_NE(old_status.message().find("strata shard"), std::string::npos) << old_status.ToString();
+
   const std::string not_shard = dir_ + "/not.shard";
   std::ofstream(not_shard) << std::string(8192, 'x');
   EXPECT_EQ(ShardFile::Open(not_shard).status().code(), StatusCode::kInvalidArgument);

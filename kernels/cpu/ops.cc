@@ -74,7 +74,7 @@ size_t WeightBytes(WeightType t, int64_t out_features, int64_t in_features) {
     case WeightType::kBF16: return n * k * 2;
     case WeightType::kQ8_0:
       STRATA_CHECK_EQ(in_features % kQ8BlockSize, 0);
-      return n * (k / kQ8BlockSize) * sizeof(BlockQ8_0);
+      return n * Q8RowBytes(in_features);
   }
   return 0;
 }

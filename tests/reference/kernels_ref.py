@@ -4,9 +4,10 @@
 Usage: kernels_ref.py DIR
 
 DIR/manifest.txt has one case per line: `NAME OP INT...`. Inputs are DIR/NAME.<input> files of raw
-little-endian float32 (int32 for positions, ggml q8_0 blocks for .q8); for each case this writes
+little-endian float32 (int32 for positions, q8_0 rows for .q8: per row K int8, then K/32 f16
+scales, as kernels/quant.h lays them out); for each case this writes
 DIR/NAME.out (float32) computed with torch, independently of the C++ code: bf16 rounding is done
-by torch, q8_0 blocks are decoded here from their bytes, RoPE follows transformers'
+by torch, q8_0 rows are decoded here from their bytes, RoPE follows transformers'
 LlamaRotaryEmbedding + rotate_half, attention is softmax(QK^T * scale + causal mask) V.
 Exit status 0 on success; anything else means the reference could not be computed.
 """
@@ -35,9 +36,10 @@ def write(dir_, name, t):
 
 
 def dequant_q8_0(raw, n, k):
-    blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("qs", "i1", (32,))]))
-    assert blocks.size == n * k // 32, (blocks.size, n, k)
-    w = blocks["d"].astype(np.float32)[:, None] * blocks["qs"].astype(np.float32)
+    rows = np.frombuffer(raw, dtype=np.dtype([("qs", "i1", (k,)), ("d", "<f2", (k // 32,))]))
+    assert rows.size == n, (rows.size, n, k)
+    d = np.repeat(rows["d"].astype(np.float32), 32, axis=1)
+    w = d * rows["qs"].astype(np.float32)
     return torch.from_numpy(w.reshape(n, k))
 
 
