@@ -6,6 +6,7 @@
 // (wt: 0 f32, 1 bf16, 2 q8_0; threads: size of the pool, the caller included)
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstdint>
 #include <cstring>
@@ -13,7 +14,9 @@
 #include <vector>
 
 #include "base/aligned_buffer.h"
+#include "base/clock.h"
 #include "base/thread_pool.h"
+#include "bench/membw.h"
 #include "kernels/ops.h"
 #include "kernels/quant.h"
 
@@ -133,6 +136,67 @@ BENCHMARK(BM_LayerSweep)
     ->ArgNames({"wt", "threads"})
     ->ArgsProduct({{0, 2}, {1, 2}})
     ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+// BM_LayerSweep alternated with one pass of `strata infer --probe-bandwidth`'s probe over as many
+// bytes, pass by pass: this machine's bandwidth moves 2x within seconds, so the sweep is only
+// comparable with a read pass taken at the same moment. sweep_over_probe is the median of the
+// per-iteration ratios (decode's matvecs can reach at most about this share of the floor);
+// probe_GBps the median probe pass (1e9 bytes/s).
+void BM_LayerSweepVsProbe(benchmark::State& state) {
+  const auto wt = static_cast<WeightType>(state.range(0));
+  ThreadPool& pool = Pool(static_cast<int>(state.range(1)));
+  constexpr int64_t kLayers = 8, H = 2048, F = 5632;
+  const std::pair<int64_t, int64_t> shapes[] = {{H + 2 * 256, H}, {H, H}, {2 * F, H}, {H, F}};
+  std::vector<AlignedBuffer> w;
+  size_t total = 0;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> dist(0.0f, 0.02f);
+  std::vector<float> row(static_cast<size_t>(F));
+  for (int64_t l = 0; l < kLayers; ++l) {
+    for (auto [n, k] : shapes) {
+      w.emplace_back(WeightBytes(wt, n, k));
+      if (wt == WeightType::kQ8_0) {  // real scales and values: the kernel's work is data-blind
+        for (int64_t r = 0; r < n; ++r) {
+          for (int64_t i = 0; i < k; ++i) row[static_cast<size_t>(i)] = dist(rng);
+          QuantizeRowsQ8_0(row.data(), w.back().as<uint8_t>() + r * Q8RowBytes(k), 1, k);
+        }
+      } else {
+        std::memset(w.back().data(), 1, w.back().size());
+      }
+      total += w.back().size();
+    }
+  }
+  bench::MembwProbe probe(total, &pool);
+  std::vector<float> x(static_cast<size_t>(F), 0.5f), y(static_cast<size_t>(2 * F));
+  std::vector<double> ratio, gbps;
+  for (auto _ : state) {
+    const double g = probe.PassGbps();
+    const uint64_t t0 = NowNs();
+    for (size_t i = 0; i < w.size(); ++i) {
+      auto [n, k] = shapes[i % 4];
+      Linear(y.data(), x.data(), w[i].data(), wt, 1, n, k, &pool);
+    }
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+    const double sweep = static_cast<double>(total) / static_cast<double>(NowNs() - t0);
+    ratio.push_back(sweep / g);
+    gbps.push_back(g);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0.0 : v[v.size() / 2];
+  };
+  state.counters["sweep_over_probe"] = median(ratio);
+  state.counters["probe_GBps"] = median(gbps);
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * 2 * total));
+  state.SetLabel(std::string(WeightTypeName(wt)) + " " + OpsIsa());
+}
+BENCHMARK(BM_LayerSweepVsProbe)
+    ->ArgNames({"wt", "threads"})
+    ->ArgsProduct({{0, 2}, {1, 2}})
+    ->Iterations(60)
+    ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
 BENCHMARK(BM_Linear)->Apply(Shapes)->Unit(benchmark::kMicrosecond)->UseRealTime();
