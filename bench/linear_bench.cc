@@ -102,6 +102,39 @@ void BM_ReadBandwidth(benchmark::State& state) {
 }
 BENCHMARK(BM_ReadBandwidth)->Arg(256)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
+// Decode's matrices for 8 TinyLlama layers (fused q/k/v, o, fused gate/up, down), in sweep order.
+constexpr int64_t kSweepH = 2048, kSweepF = 5632;
+constexpr std::pair<int64_t, int64_t> kSweepShapes[] = {
+    {kSweepH + 2 * 256, kSweepH}, {kSweepH, kSweepH}, {2 * kSweepF, kSweepH}, {kSweepH, kSweepF}};
+struct SweepWeights {
+  std::vector<AlignedBuffer> w;
+  size_t total = 0;
+  // random_q8: q8_0 matrices hold quantized random values (real scales) instead of 0x01 bytes.
+  SweepWeights(WeightType wt, bool random_q8) {
+    std::mt19937 rng(3);
+    std::normal_distribution<float> dist(0.0f, 0.02f);
+    for (int64_t l = 0; l < 8; ++l) {
+      for (auto [n, k] : kSweepShapes) {
+        w.emplace_back(WeightBytes(wt, n, k));
+        if (random_q8 && wt == WeightType::kQ8_0) {
+          std::vector<float> m(static_cast<size_t>(n * k));
+          for (float& f : m) f = dist(rng);
+          QuantizeRowsQ8_0(m.data(), w.back().data(), n, k);
+        } else {
+          std::memset(w.back().data(), 1, w.back().size());  // q8_0: tiny f16 scales, int8 ones
+        }
+        total += w.back().size();
+      }
+    }
+  }
+  void Run(float* y, const float* x, WeightType wt, ThreadPool* pool) const {
+    for (size_t i = 0; i < w.size(); ++i) {
+      auto [n, k] = kSweepShapes[i % 4];
+      Linear(y, x, w[i].data(), wt, 1, n, k, pool);
+    }
+  }
+};
+
 // Decode's sequence of matvecs over distinct matrices: 8 TinyLlama layers (fused q/k/v, o, fused
 // gate/up, down; 1.45 GB in f32, 0.38 GB in q8_0), each read once per pass as a token reads
 // them. Against BM_ReadBandwidth it shows what the per-call split, wake-up and stream restart
@@ -109,27 +142,14 @@ BENCHMARK(BM_ReadBandwidth)->Arg(256)->Unit(benchmark::kMicrosecond)->UseRealTim
 void BM_LayerSweep(benchmark::State& state) {
   const auto wt = static_cast<WeightType>(state.range(0));
   ThreadPool& pool = Pool(static_cast<int>(state.range(1)));
-  constexpr int64_t kLayers = 8, H = 2048, F = 5632;
-  const std::pair<int64_t, int64_t> shapes[] = {{H + 2 * 256, H}, {H, H}, {2 * F, H}, {H, F}};
-  std::vector<AlignedBuffer> w;
-  size_t total = 0;
-  for (int64_t l = 0; l < kLayers; ++l) {
-    for (auto [n, k] : shapes) {
-      w.emplace_back(WeightBytes(wt, n, k));
-      std::memset(w.back().data(), 1, w.back().size());  // q8_0: tiny f16 scales, int8 ones
-      total += w.back().size();
-    }
-  }
-  std::vector<float> x(static_cast<size_t>(F), 0.5f), y(static_cast<size_t>(2 * F));
+  const SweepWeights sw(wt, false);
+  std::vector<float> x(static_cast<size_t>(kSweepF), 0.5f), y(static_cast<size_t>(2 * kSweepF));
   for (auto _ : state) {
-    for (size_t i = 0; i < w.size(); ++i) {
-      auto [n, k] = shapes[i % 4];
-      Linear(y.data(), x.data(), w[i].data(), wt, 1, n, k, &pool);
-    }
+    sw.Run(y.data(), x.data(), wt, &pool);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * total));
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * sw.total));
   state.SetLabel(std::string(WeightTypeName(wt)) + " " + OpsIsa());
 }
 BENCHMARK(BM_LayerSweep)
@@ -146,37 +166,15 @@ BENCHMARK(BM_LayerSweep)
 void BM_LayerSweepVsProbe(benchmark::State& state) {
   const auto wt = static_cast<WeightType>(state.range(0));
   ThreadPool& pool = Pool(static_cast<int>(state.range(1)));
-  constexpr int64_t kLayers = 8, H = 2048, F = 5632;
-  const std::pair<int64_t, int64_t> shapes[] = {{H + 2 * 256, H}, {H, H}, {2 * F, H}, {H, F}};
-  std::vector<AlignedBuffer> w;
-  size_t total = 0;
-  std::mt19937 rng(3);
-  std::normal_distribution<float> dist(0.0f, 0.02f);
-  std::vector<float> row(static_cast<size_t>(F));
-  for (int64_t l = 0; l < kLayers; ++l) {
-    for (auto [n, k] : shapes) {
-      w.emplace_back(WeightBytes(wt, n, k));
-      if (wt == WeightType::kQ8_0) {  // real scales and values: the kernel's work is data-blind
-        for (int64_t r = 0; r < n; ++r) {
-          for (int64_t i = 0; i < k; ++i) row[static_cast<size_t>(i)] = dist(rng);
-          QuantizeRowsQ8_0(row.data(), w.back().as<uint8_t>() + r * Q8RowBytes(k), 1, k);
-        }
-      } else {
-        std::memset(w.back().data(), 1, w.back().size());
-      }
-      total += w.back().size();
-    }
-  }
+  const SweepWeights sw(wt, true);
+  const size_t total = sw.total;
   bench::MembwProbe probe(total, &pool);
-  std::vector<float> x(static_cast<size_t>(F), 0.5f), y(static_cast<size_t>(2 * F));
+  std::vector<float> x(static_cast<size_t>(kSweepF), 0.5f), y(static_cast<size_t>(2 * kSweepF));
   std::vector<double> ratio, gbps;
   for (auto _ : state) {
     const double g = probe.PassGbps();
     const uint64_t t0 = NowNs();
-    for (size_t i = 0; i < w.size(); ++i) {
-      auto [n, k] = shapes[i % 4];
-      Linear(y.data(), x.data(), w[i].data(), wt, 1, n, k, &pool);
-    }
+    sw.Run(y.data(), x.data(), wt, &pool);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
     const double sweep = static_cast<double>(total) / static_cast<double>(NowNs() - t0);
