@@ -7,7 +7,10 @@
 #     is held to are measured at the same moments: bandwidth here drifts 2x within seconds, and
 #     probes run before and after a whole run disagreed with each other by that much;
 #       floor tokens/s = 1 / (max over ranks of bytes read per token / rank bandwidth
-#                             + 2 * layers * star allreduce latency of one decode message);
+#                             + 2 * layers * star allreduce latency of one decode message),
+#     rank bandwidth = all probe bytes / all probe pass time (probe_gbps_time_weighted), the
+#     same sum over the run's moments that decode's time is; the table also shows the floor
+#     from the median pass, which overstates it when bandwidth dips within a run;
 #   - for each window W: TTFT on the prompt, prefill and decode tokens/s, peak RSS and weight
 #     wait per rank, and decode against the W = 0 run of the same repeat (without the probe);
 #   - the PyTorch peer (bench/torch_decode.py, f32, same threads) on the same model.
@@ -104,8 +107,8 @@ LAYERS = 22
 gib = 1 << 30
 med = statistics.median
 
-def floor_tps(r):
-    per_rank_s = [b / (g * 1e9) for b, g in zip(r["weight_bytes_per_token"], r["probe_gbps"])]
+def floor_tps(r, key="probe_gbps_time_weighted"):
+    per_rank_s = [b / (g * 1e9) for b, g in zip(r["weight_bytes_per_token"], r[key])]
     return 1 / (max(per_rank_s) + 2 * LAYERS * ar.get(r["ranks"], 0.0) / 1e6)
 
 def groups(kind):
@@ -120,14 +123,16 @@ def runs(xs, fmt="{:.0f}"):
 
 print("Floor (resident, W = 0, probe between tokens):")
 print()
-print("| ranks × threads | dtype | runs | weights in 2 MiB pages | decode tok/s | read GB/s per rank (median pass) | floor tok/s | % of floor (each run) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| ranks × threads | dtype | runs | weights in 2 MiB pages | decode tok/s | read GB/s per rank: time-weighted (median pass) | floor tok/s | % of floor (each run) | % of a floor from the median pass (each run) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for (n, t, dtype, window, mode), rs in groups("floor").items():
     pct = [100 * r["decode_tokens_per_s"] / floor_tps(r) for r in rs]
-    gbps = " / ".join(f"{med(r['probe_gbps'][i] for r in rs):.1f}" for i in range(n))
+    pct_med = [100 * r["decode_tokens_per_s"] / floor_tps(r, "probe_gbps") for r in rs]
+    gbps = " / ".join(f"{med(r['probe_gbps_time_weighted'][i] for r in rs):.1f} "
+                      f"({med(r['probe_gbps'][i] for r in rs):.1f})" for i in range(n))
     huge = " / ".join(f"{100 * min(r['huge_mapped_fraction'][i] for r in rs):.0f}%" for i in range(n))
     print(f"| {n} × {t} | {dtype} | {len(rs)} | {huge} | {med(r['decode_tokens_per_s'] for r in rs):.2f} | {gbps} | "
-          f"{med(floor_tps(r) for r in rs):.2f} | **{med(pct):.0f}%** ({runs(pct)}) |")
+          f"{med(floor_tps(r) for r in rs):.2f} | **{med(pct):.0f}%** ({runs(pct)}) | {med(pct_med):.0f}% ({runs(pct_med)}) |")
 print()
 print("Windows (no probe; W / W = 0 pairs runs of the same repeat):")
 print()

@@ -125,6 +125,7 @@ int RunInfer(const InferArgs& a) {
   }
   std::vector<double> probe_gbps;
   int64_t probe_ns = 0;
+  double probe_pass_s = 0;  // the passes alone, without the barrier before each
 
   const bool dump = !a.dump_logits.empty();
   std::vector<float> logits, dumped;
@@ -164,24 +165,32 @@ int RunInfer(const InferArgs& a) {
       const int64_t p0 = NowNs();
       if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
       probe_gbps.push_back(probe->PassGbps());
+      probe_pass_s += static_cast<double>(e.decode_weight_bytes()) / (probe_gbps.back() * 1e9);
       probe_ns += NowNs() - p0;
     }
   }
   const int64_t t_end = NowNs();
-  double probe_median = 0;
+  // Two summaries of the passes. The median pass is the bandwidth of a typical moment; the
+  // time-weighted one (all bytes read / all pass time) is what a floor must use when bandwidth
+  // moves within the run, because decode time adds up the same way: a token in a slow moment
+  // costs decode, and the pass after it, more time, and a median would leave that out.
+  double probe_median = 0, probe_time_weighted = 0;
   if (!probe_gbps.empty()) {
+    probe_time_weighted = static_cast<double>(e.decode_weight_bytes()) *
+                          static_cast<double>(probe_gbps.size()) / probe_pass_s / 1e9;
     std::sort(probe_gbps.begin(), probe_gbps.end());
     probe_median = probe_gbps[probe_gbps.size() / 2];
   }
 
   // Per-rank figures to rank 0.
-  constexpr int kFig = 7;
+  constexpr int kFig = 8;
   int64_t mine[kFig] = {PeakRssBytes(), e.weight_wait_ns(),
                         static_cast<int64_t>(e.decode_weight_bytes()),
                         e.allreduce_ns() - prefill_allreduce_ns,
                         static_cast<int64_t>(e.memory_budget_bytes()),
                         static_cast<int64_t>(probe_median * 1e6),  // kB/s
-                        static_cast<int64_t>(e.weights_huge_mapped_fraction() * 1e6)};
+                        static_cast<int64_t>(e.weights_huge_mapped_fraction() * 1e6),
+                        static_cast<int64_t>(probe_time_weighted * 1e6)};
   std::vector<int64_t> all(kFig * static_cast<size_t>(comm.size()));
   if (Status s = comm.Allgather(mine, all.data(), sizeof(mine)); !s.ok()) return abort_all(s);
   if (rank != 0) return 0;
@@ -208,7 +217,10 @@ int RunInfer(const InferArgs& a) {
         generated > 0 ? static_cast<double>(all[kFig * r + 3]) / 1e6 / static_cast<double>(generated)
                       : 0.0);
     j["memory_budget_bytes"].push_back(all[kFig * r + 4]);
-    if (probe) j["probe_gbps"].push_back(static_cast<double>(all[kFig * r + 5]) / 1e6);
+    if (probe) {
+      j["probe_gbps"].push_back(static_cast<double>(all[kFig * r + 5]) / 1e6);
+      j["probe_gbps_time_weighted"].push_back(static_cast<double>(all[kFig * r + 7]) / 1e6);
+    }
     if (e.window_mode() == memory::WindowMode::kResident) {
       j["huge_mapped_fraction"].push_back(static_cast<double>(all[kFig * r + 6]) / 1e6);
     }
@@ -242,8 +254,11 @@ int RunInfer(const InferArgs& a) {
                    static_cast<double>(all[kFig * r]) / (1 << 20),
                    static_cast<double>(all[kFig * r + 1]) / 1e6);
       if (probe) {
-        std::fprintf(stderr, "  rank %d: streaming read %.1f GB/s between tokens (median of %zu)\n",
-                     r, static_cast<double>(all[kFig * r + 5]) / 1e6, probe_gbps.size());
+        std::fprintf(stderr,
+                     "  rank %d: streaming read %.1f GB/s between tokens (median of %zu passes; "
+                     "%.1f GB/s all bytes over all pass time)\n",
+                     r, static_cast<double>(all[kFig * r + 5]) / 1e6, probe_gbps.size(),
+                     static_cast<double>(all[kFig * r + 7]) / 1e6);
       }
     }
   }
@@ -292,8 +307,9 @@ void AddInferCommand(CLI::App& root, std::vector<Command>& commands) {
   app->add_flag("--probe-bandwidth", a->probe_bandwidth,
                 "Benchmark aid: after every decode step all ranks stream-read a buffer of their "
                 "weight bytes per token (strata bench membw's probe), outside the decode timing; "
-                "--json gains probe_gbps per rank (median pass), the bandwidth for the decode "
-                "floor at the same moments. Its buffer counts in peak RSS");
+                "--json gains per rank probe_gbps (median pass) and probe_gbps_time_weighted "
+                "(all bytes over all pass time: the bandwidth for the decode floor at the same "
+                "moments). Its buffer counts in peak RSS");
   commands.push_back({app, [a]() { return RunInfer(*a); }});
 }
 

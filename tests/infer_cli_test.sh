@@ -44,9 +44,12 @@ o = json.load(open(f"{w}/out2.json")); p = json.load(open(f"{w}/probe.json"))
 assert p["text"] == o["text"], (p["text"], o["text"])
 assert p["probe_passes"] == p["tokens"], (p["probe_passes"], p["tokens"])
 assert len(p["probe_gbps"]) == 2 and all(g > 0 for g in p["probe_gbps"]), p["probe_gbps"]
+tw = p["probe_gbps_time_weighted"]
+assert len(tw) == 2 and all(g > 0 for g in tw), tw
 assert len(p["huge_mapped_fraction"]) == 2, p
 assert all(0 <= f <= 1 for f in p["huge_mapped_fraction"]), p["huge_mapped_fraction"]
-assert "probe_gbps" not in o and "huge_mapped_fraction" not in o
+assert "probe_gbps" not in o and "probe_gbps_time_weighted" not in o
+assert "huge_mapped_fraction" not in o
 print(f"infer_cli_test: probe {p['probe_gbps']} GB/s, huge-mapped {p['huge_mapped_fraction']}")
 PY
 # Shards for 2 ranks launched on 1: a clear error and a non-zero exit, within the time limit.
