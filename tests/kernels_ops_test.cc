@@ -403,6 +403,35 @@ TEST_F(OpsRefTest, SwiGLUMatchesTorchSilu) {
   std::vector<float> out(100);
   SwiGLU(out.data(), gate_.data(), up_.data(), 100);
   EXPECT_LE(RelErr(out, ReadOut(dir_, "swiglu")), 1e-6);
+  // Every ISA's kernel (100 = six 16-wide vectors and a tail of 4), and in place on gate.
+  for (const OpsTable* table : Tables()) {
+    SCOPED_TRACE(table->isa);
+    std::vector<float> y(100, NAN), g = gate_;
+    table->swiglu(y.data(), gate_.data(), up_.data(), 100);
+    EXPECT_LE(RelErr(y, ReadOut(dir_, "swiglu")), 1e-6);
+    table->swiglu(g.data(), g.data(), up_.data(), 100);
+    EXPECT_EQ(g, y);
+  }
+}
+
+TEST_F(OpsRefTest, SwiGLUStaysFiniteAtLargeGates) {
+  // silu(g) = g * sigmoid(g) in double as the closed form: large |g| must neither overflow
+  // exp (silu(-100) is -3.7e-42, silu(100) is 100) nor lose sign or magnitude.
+  const std::vector<float> gate = {-100.0f, -88.5f, -30.0f, -1e-3f, 0.0f, 1e-3f,  5.0f, 30.0f,
+                                   88.5f,   100.0f, -7.5f,  3.25f, -0.5f, 0.5f, -20.0f, 20.0f,
+                                   -104.5f, 200.0f};
+  const std::vector<float> up(gate.size(), 1.5f);
+  for (const OpsTable* table : Tables()) {
+    SCOPED_TRACE(table->isa);
+    std::vector<float> y(gate.size(), NAN);
+    table->swiglu(y.data(), gate.data(), up.data(), static_cast<int64_t>(gate.size()));
+    for (size_t i = 0; i < gate.size(); ++i) {
+      const double g = gate[i];
+      const double want = g / (1.0 + std::exp(-g)) * 1.5;
+      ASSERT_TRUE(std::isfinite(y[i])) << "g=" << g;
+      EXPECT_NEAR(y[i], want, 1e-6 * std::fabs(want) + 1e-38) << "g=" << g;
+    }
+  }
 }
 
 TEST(OpsTest, Q8RoundTripWithinHalfAStep) {

@@ -249,10 +249,7 @@ void Softmax(float* x, int64_t rows, int64_t cols) {
 }
 
 void SwiGLU(float* out, const float* gate, const float* up, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float g = gate[i];
-    out[i] = g / (1.0f + expf(-g)) * up[i];
-  }
+  Table().swiglu(out, gate, up, n);
 }
 
 const char* OpsIsa() { return Table().isa; }

@@ -37,6 +37,8 @@ struct OpsTable {
                         int64_t K);
   void (*gemm_q8)(float* y, const uint8_t* xq, const float* xd, const void* w, int64_t M,
                   int64_t N, int64_t K, int64_t n0, int64_t n1, void* scratch);
+  // out[i] = silu(gate[i]) * up[i] (kernels::SwiGLU); out may alias gate or up.
+  void (*swiglu)(float* out, const float* gate, const float* up, int64_t n);
   const char* isa;
 };
 
