@@ -125,7 +125,7 @@ int RunInfer(const InferArgs& a) {
   }
   std::vector<double> probe_gbps;
   int64_t probe_ns = 0;
-  double probe_pass_s = 0;  // the passes alone, without the barrier before each
+  double probe_inv_gbps_sum = 0;  // sum of 1 / pass bandwidth: every pass reads the same bytes
 
   const bool dump = !a.dump_logits.empty();
   std::vector<float> logits, dumped;
@@ -165,7 +165,7 @@ int RunInfer(const InferArgs& a) {
       const int64_t p0 = NowNs();
       if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
       probe_gbps.push_back(probe->PassGbps());
-      probe_pass_s += static_cast<double>(e.decode_weight_bytes()) / (probe_gbps.back() * 1e9);
+      probe_inv_gbps_sum += 1.0 / probe_gbps.back();
       probe_ns += NowNs() - p0;
     }
   }
@@ -176,8 +176,8 @@ int RunInfer(const InferArgs& a) {
   // costs decode, and the pass after it, more time, and a median would leave that out.
   double probe_median = 0, probe_time_weighted = 0;
   if (!probe_gbps.empty()) {
-    probe_time_weighted = static_cast<double>(e.decode_weight_bytes()) *
-                          static_cast<double>(probe_gbps.size()) / probe_pass_s / 1e9;
+    // Equal bytes per pass: all bytes / all pass time is the harmonic mean of the passes.
+    probe_time_weighted = static_cast<double>(probe_gbps.size()) / probe_inv_gbps_sum;
     std::sort(probe_gbps.begin(), probe_gbps.end());
     probe_median = probe_gbps[probe_gbps.size() / 2];
   }
