@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 #include <mpi.h>
 
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -15,6 +18,7 @@
 #include "comm/transport/mpi/mpi_transport.h"
 
 namespace strata {
+extern const char* g_preset_eager;  // the eager-limit variable as the test was started with
 namespace {
 
 using comm::Algorithm;
@@ -160,12 +164,67 @@ TEST(MpiTimeout, LateRankMakesOthersTimeOut) {
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
+
+// Reads an Open MPI control variable through the MPI tool interface; -1 if it does not exist.
+long long ReadCvar(const std::string& want) {
+  int provided = 0, num = 0;
+  if (MPI_T_init_thread(MPI_THREAD_SINGLE, &provided) != MPI_SUCCESS) return -1;
+  MPI_T_cvar_get_num(&num);
+  long long value = -1;
+  for (int i = 0; i < num && value < 0; ++i) {
+    char name[256], desc[1024];
+    int name_len = sizeof(name), desc_len = sizeof(desc), verbosity = 0, bind = 0, scope = 0;
+    MPI_Datatype type;
+    MPI_T_enum enumtype;
+    if (MPI_T_cvar_get_info(i, name, &name_len, &verbosity, &type, &enumtype, desc, &desc_len,
+                            &bind, &scope) != MPI_SUCCESS || want != name) {
+      continue;
+    }
+    MPI_T_cvar_handle handle;
+    int count = 0;
+    if (MPI_T_cvar_handle_alloc(i, nullptr, &handle, &count) != MPI_SUCCESS) break;
+    unsigned long long buf[4] = {};
+    if (MPI_T_cvar_read(handle, buf) == MPI_SUCCESS) {
+      int size = 0;
+      MPI_Type_size(type, &size);
+      if (size == 4) {
+        uint32_t v32;
+        std::memcpy(&v32, buf, sizeof(v32));
+        value = v32;
+      } else {
+        value = static_cast<long long>(buf[0]);
+      }
+    }
+    MPI_T_cvar_handle_free(&handle);
+  }
+  MPI_T_finalize();
+  return value;
+}
+
+// Decode's 8 KiB partial sums go eager over shared memory: the limit Open MPI took from the
+// variable EnsureInitialized set is kSharedMemoryEagerLimit (or what the user preset).
+TEST(MpiInit, RaisesSharedMemoryEagerLimit) {
+  const char* var = comm::mpi::SharedMemoryEagerLimitVariable();
+  if (var == nullptr) GTEST_SKIP() << "not Open MPI";
+  const std::string cvar = std::string(var).substr(std::strlen("OMPI_MCA_"));
+  const long long expected = g_preset_eager != nullptr ? std::atoll(g_preset_eager)
+                                                        : comm::mpi::kSharedMemoryEagerLimit;
+  EXPECT_EQ(ReadCvar(cvar), expected) << cvar;
+}
+
 }  // namespace
+
+const char* g_preset_eager = nullptr;
 }  // namespace strata
 
 int main(int argc, char** argv) {
-  int provided = 0;
-  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
+  // The launcher's way in (comm::mpi::EnsureInitialized), which tunes Open MPI before MPI_Init.
+  const char* var = strata::comm::mpi::SharedMemoryEagerLimitVariable();
+  if (var != nullptr && std::getenv(var) != nullptr) strata::g_preset_eager = std::getenv(var);
+  if (strata::Status st = strata::comm::mpi::EnsureInitialized(&argc, &argv); !st.ok()) {
+    std::fprintf(stderr, "comm_mpi_test: %s\n", st.ToString().c_str());
+    return 1;
+  }
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   if (rank != 0) ::testing::GTEST_FLAG(brief) = true;  // failures only from the other ranks

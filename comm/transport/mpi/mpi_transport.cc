@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <set>
 #include <string>
@@ -411,8 +412,29 @@ bool IsInitialized() {
   return init != 0;
 }
 
+// Open MPI sends a shared-memory message above its eager limit (4 KiB by default) through a
+// single-copy path (CMA: a process_vm_readv system call and a rendezvous handshake). Decode's
+// partial sums are hidden_size floats, 8 KiB for a 2048-wide model, twice per layer: on one host
+// with 2 ranks, the time from the last rank's arrival to the end of each allreduce was 33 us
+// (median 30) in a q8_0 decode, and 15 us (median 14) with a 16 KiB eager limit
+// (docs/BENCHMARKS.md section 15). So raise it to the shared-memory transport's fragment size,
+// 32 KiB, unless the user set it (mpirun --mca reaches us as the same variable). Only messages
+// up to 32 KiB change path; an MCA parameter file's value is overridden, which the variable
+// itself can undo.
+
+const char* SharedMemoryEagerLimitVariable() {
+#if defined(OMPI_MAJOR_VERSION)
+  return OMPI_MAJOR_VERSION >= 5 ? "OMPI_MCA_btl_sm_eager_limit" : "OMPI_MCA_btl_vader_eager_limit";
+#else
+  return nullptr;
+#endif
+}
+
 Status EnsureInitialized(int* argc, char*** argv) {
   if (IsInitialized()) return Status::OK();
+  if (const char* name = SharedMemoryEagerLimitVariable()) {
+    ::setenv(name, std::to_string(kSharedMemoryEagerLimit).c_str(), /*overwrite=*/0);
+  }
   int provided = 0;
   STRATA_RETURN_IF_ERROR(STRATA_MPI(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided)));
   if (provided < MPI_THREAD_FUNNELED) {

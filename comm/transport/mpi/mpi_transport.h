@@ -20,7 +20,13 @@ Status MpiStatus(int rc, const char* call, const char* file, int line);
 #define STRATA_MPI(call) ::strata::comm::mpi::MpiStatus((call), #call, __FILE__, __LINE__)
 
 // Initializes MPI if nobody has (thread level FUNNELED: only the calling thread talks to MPI).
+// With Open MPI it first raises the shared-memory eager limit to kSharedMemoryEagerLimit unless
+// SharedMemoryEagerLimitVariable() is already set (see the .cc for why).
 Status EnsureInitialized(int* argc, char*** argv);
+inline constexpr int kSharedMemoryEagerLimit = 32768;
+// The environment variable (an Open MPI MCA parameter) that EnsureInitialized sets; nullptr
+// with another MPI library.
+const char* SharedMemoryEagerLimitVariable();
 bool IsInitialized();
 
 StatusOr<std::unique_ptr<Transport>> CreateTransport(MPI_Comm comm);
