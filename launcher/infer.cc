@@ -166,6 +166,10 @@ int RunInfer(const InferArgs& a) {
       if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
       probe_gbps.push_back(probe->PassGbps());
       probe_inv_gbps_sum += 1.0 / probe_gbps.back();
+      // And leave together: passes end up to a few ms apart (each rank's bandwidth differs), and
+      // without this a rank that finished first would wait out the other's pass in the next
+      // token's first allreduce, inside its decode time.
+      if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
       probe_ns += NowNs() - p0;
     }
   }
