@@ -53,6 +53,12 @@ done
 PROMPT="$(head -c 136 /usr/share/common-licenses/GPL-3 | tr '\n' ' ')"
 
 echo "decode_bench: OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset} OPENBLAS_L2_SIZE=${OPENBLAS_L2_SIZE:-unset} threads=$THREADS" >&2
+# CPU time the hypervisor gave to others while this VM wanted it (/proc/stat's steal column,
+# all CPUs, in clock ticks). On a VM it is the noise decode suffers most from: a rank, or one of
+# a rank's threads, that loses its core holds up every other at the next allreduce or join. The
+# tables show it per run (over the whole mpirun: load, prefill and decode), so a slow run can be
+# told from a slow build.
+steal_ticks() { awk '/^cpu /{print $9}' /proc/stat; }
 for n in $RANKS; do
   t=$(( THREADS / n )); (( t >= 1 )) || t=1
   # Open MPI binds each rank to one core when it starts two or fewer: a rank with several
@@ -78,14 +84,17 @@ for n in $RANKS; do
           [[ "$w" == 0 ]] && kinds=(infer floor)
           for kind in "${kinds[@]}"; do
             [[ "$kind" == floor ]] && extra=(--probe-bandwidth)
+            steal0=$(steal_ticks)
             mpirun -np "$n" "${BIND[@]}" -x STRATA_NUM_THREADS="$t" "$STRATA" infer \
               --shards "$WORK/shards-$n-$d" --prompt "$PROMPT" --max-tokens "$TOKENS" --greedy \
               --window "$w" --window-mode "$mode" "${extra[@]}" --json 2> "$WORK/infer.err" \
               | tail -1 > "$WORK/infer.json" || { cat "$WORK/infer.err" >&2; exit 1; }
+            steal=$(( $(steal_ticks) - steal0 ))
             /usr/bin/python3 -c "
 import json
 d = json.load(open('$WORK/infer.json')); d.pop('text', None)
-d.update(kind='$kind', dtype='$d', threads_per_rank=$t, repeat=$rep)
+d.update(kind='$kind', dtype='$d', threads_per_rank=$t, repeat=$rep,
+         steal_s=$steal / $(getconf CLK_TCK))
 print(json.dumps(d))" >> "$OUT"
           done
         done
@@ -121,10 +130,13 @@ def groups(kind):
 def runs(xs, fmt="{:.0f}"):
     return ", ".join(fmt.format(x) for x in xs)
 
+def steal(rs):  # rows from before the column have none
+    return runs([r["steal_s"] for r in rs if "steal_s" in r], "{:.1f}") or "–"
+
 print("Floor (resident, W = 0, probe between tokens):")
 print()
-print("| ranks × threads | dtype | runs | weights in 2 MiB pages | decode tok/s | read GB/s per rank: time-weighted (median pass) | floor tok/s | % of floor (each run) | % of a floor from the median pass (each run) |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| ranks × threads | dtype | runs | weights in 2 MiB pages | decode tok/s | read GB/s per rank: time-weighted (median pass) | floor tok/s | % of floor (each run) | % of a floor from the median pass (each run) | CPU steal s (each run) |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for (n, t, dtype, window, mode), rs in groups("floor").items():
     pct = [100 * r["decode_tokens_per_s"] / floor_tps(r) for r in rs]
     pct_med = [100 * r["decode_tokens_per_s"] / floor_tps(r, "probe_gbps") for r in rs]
@@ -132,12 +144,13 @@ for (n, t, dtype, window, mode), rs in groups("floor").items():
                       f"({med(r['probe_gbps'][i] for r in rs):.1f})" for i in range(n))
     huge = " / ".join(f"{100 * min(r['huge_mapped_fraction'][i] for r in rs):.0f}%" for i in range(n))
     print(f"| {n} × {t} | {dtype} | {len(rs)} | {huge} | {med(r['decode_tokens_per_s'] for r in rs):.2f} | {gbps} | "
-          f"{med(floor_tps(r) for r in rs):.2f} | **{med(pct):.0f}%** ({runs(pct)}) | {med(pct_med):.0f}% ({runs(pct_med)}) |")
+          f"{med(floor_tps(r) for r in rs):.2f} | **{med(pct):.0f}%** ({runs(pct)}) | {med(pct_med):.0f}% ({runs(pct_med)}) | "
+          f"{steal(rs)} |")
 print()
 print("Windows (no probe; W / W = 0 pairs runs of the same repeat):")
 print()
-print("| ranks × threads | dtype | window | mode | runs | TTFT ms | prefill tok/s | decode tok/s (each run) | W / W = 0 (each run) | peak RSS per rank (GiB) | RSS bound 1.2 × budget + 64 MiB (GiB) | weight wait ms |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| ranks × threads | dtype | window | mode | runs | TTFT ms | prefill tok/s | decode tok/s (each run) | W / W = 0 (each run) | peak RSS per rank (GiB) | RSS bound 1.2 × budget + 64 MiB (GiB) | weight wait ms | CPU steal s (each run) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 base = {(r["ranks"], r["dtype"], r["repeat"]): r["decode_tokens_per_s"] for r in rows
         if r["kind"] == "infer" and r["window"] == 0}
 for (n, t, dtype, window, mode), rs in groups("infer").items():
@@ -150,11 +163,11 @@ for (n, t, dtype, window, mode), rs in groups("infer").items():
     ratio_s = f"**{med(ratio):.2f}** ({runs(ratio, '{:.2f}')})" if window != 0 else "–"
     print(f"| {n} × {t} | {dtype} | {window} | {mode} | {len(rs)} | {med(r['ttft_ms'] for r in rs):.0f} | "
           f"{med(r['prefill_tokens_per_s'] for r in rs):.1f} | **{med(tps):.2f}** ({runs(tps, '{:.1f}')}) | "
-          f"{ratio_s} | {rss} | {bound} | {wait} |")
+          f"{ratio_s} | {rss} | {bound} | {wait} | {steal(rs)} |")
 for r in rows:
     if r["kind"] == "torch":
         print(f"| PyTorch peer 1 × {r.get('threads', '?')} | f32 | all in RAM | – | 1 | {r['ttft_ms']:.0f} | "
-              f"{r.get('prefill_tokens_per_s', 0):.1f} | **{r['decode_tokens_per_s']:.2f}** | | | | |")
+              f"{r.get('prefill_tokens_per_s', 0):.1f} | **{r['decode_tokens_per_s']:.2f}** | | | | | |")
 print()
 for n, a in sorted(ar.items()):
     print(f"- {n} ranks: star allreduce of 8 KiB (one decode message) {a:.1f} µs")
