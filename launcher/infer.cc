@@ -136,6 +136,7 @@ int RunInfer(const InferArgs& a) {
   if (Status s = e.Forward(ids.data(), n_prompt, 0, dump, &logits); !s.ok()) return abort_all(s);
   const int64_t prefill_allreduce_ns = e.allreduce_ns();  // decode's share is what comes after
   int64_t t_first = 0, generated = 0;
+  int64_t steps = 0;  // decode forwards timed after the first token (decode_tokens_per_s counts them)
   int64_t pos = n_prompt;
   while (true) {
     int32_t next = -1;
@@ -160,7 +161,11 @@ int RunInfer(const InferArgs& a) {
     if (next < 0) break;
     ++generated;
     dumped_tokens.push_back(next);
+    // The last token's forward would only feed a sample that is thrown away; --dump-logits
+    // still wants its logits (every position of the sequence). Every rank knows --max-tokens.
+    if (generated >= a.max_tokens && !dump) break;
     if (Status s = e.Forward(&next, 1, pos++, false, &logits); !s.ok()) return abort_all(s);
+    ++steps;
     if (probe) {
       const int64_t p0 = NowNs();
       if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
@@ -201,10 +206,11 @@ int RunInfer(const InferArgs& a) {
   const double ttft_ms = static_cast<double>(t_first - t0) / 1e6;
   const double prefill_tps = static_cast<double>(n_prompt) / (ttft_ms / 1e3);
   const double decode_s = static_cast<double>(t_end - t_first - probe_ns) / 1e9;
-  const double decode_tps = generated > 1 ? static_cast<double>(generated - 1) / decode_s : 0;
+  const double decode_tps = steps > 0 ? static_cast<double>(steps) / decode_s : 0;
   nlohmann::json j = {{"text", text}, {"prompt_tokens", n_prompt}, {"tokens", generated},
                       {"ttft_ms", ttft_ms}, {"prefill_tokens_per_s", prefill_tps},
-                      {"decode_tokens_per_s", decode_tps}, {"ranks", comm.size()},
+                      {"decode_tokens_per_s", decode_tps}, {"decode_steps", steps},
+                      {"ranks", comm.size()},
                       {"window", a.window}, {"window_mode", memory::WindowModeName(e.window_mode())},
                       {"allreduce", a.allreduce}, {"transport", a.transport},
                       {"peak_rss_bytes", nlohmann::json::array()},
@@ -216,10 +222,9 @@ int RunInfer(const InferArgs& a) {
     j["peak_rss_bytes"].push_back(all[kFig * r]);
     j["weight_wait_ms"].push_back(static_cast<double>(all[kFig * r + 1]) / 1e6);
     j["weight_bytes_per_token"].push_back(all[kFig * r + 2]);
-    // Decode steps after the first token (the ones decode_tokens_per_s counts), per token.
+    // Over the decode steps (the ones decode_tokens_per_s counts), per step.
     j["allreduce_ms_per_token"].push_back(
-        generated > 0 ? static_cast<double>(all[kFig * r + 3]) / 1e6 / static_cast<double>(generated)
-                      : 0.0);
+        steps > 0 ? static_cast<double>(all[kFig * r + 3]) / 1e6 / static_cast<double>(steps) : 0.0);
     j["memory_budget_bytes"].push_back(all[kFig * r + 4]);
     if (probe) {
       j["probe_gbps"].push_back(static_cast<double>(all[kFig * r + 5]) / 1e6);
@@ -300,7 +305,9 @@ void AddInferCommand(CLI::App& root, std::vector<Command>& commands) {
       ->capture_default_str();
   app->add_option("--transport", a->transport, "mpi or tcp")->capture_default_str();
   app->add_flag("--json", a->json, "Print one JSON object (text, tokens, ttft_ms, "
-                                   "decode_tokens_per_s, and per rank peak_rss_bytes, "
+                                   "decode_tokens_per_s over decode_steps forwards (the "
+                                   "first token comes from the prefill), and per rank "
+                                   "peak_rss_bytes, "
                                    "weight_wait_ms, weight_bytes_per_token, "
                                    "allreduce_ms_per_token, memory_budget_bytes = W largest "
                                    "blocks + resident tensors + KV cache; with --window 0 "

@@ -42,7 +42,12 @@ import json, sys
 w = sys.argv[1]
 o = json.load(open(f"{w}/out2.json")); p = json.load(open(f"{w}/probe.json"))
 assert p["text"] == o["text"], (p["text"], o["text"])
-assert p["probe_passes"] == p["tokens"], (p["probe_passes"], p["tokens"])
+# One pass per decode step; a run that stops at --max-tokens skips the last token's forward (its
+# sample would be thrown away), one that stops at EOS does not.
+assert p["probe_passes"] == p["decode_steps"], (p["probe_passes"], p["decode_steps"])
+assert p["decode_steps"] == (p["tokens"] - 1 if p["tokens"] == 16 else p["tokens"]), p
+# --dump-logits keeps that forward: the logits of every position.
+assert o["decode_steps"] == o["tokens"], (o["decode_steps"], o["tokens"])
 assert len(p["probe_gbps"]) == 2 and all(g > 0 for g in p["probe_gbps"]), p["probe_gbps"]
 tw = p["probe_gbps_time_weighted"]
 assert len(tw) == 2 and all(g > 0 for g in tw), tw
