@@ -164,7 +164,6 @@ TEST(MpiTimeout, LateRankMakesOthersTimeOut) {
   MPI_Barrier(MPI_COMM_WORLD);
 }
 
-
 // Reads an Open MPI control variable through the MPI tool interface; -1 if it does not exist.
 long long ReadCvar(const std::string& want) {
   int provided = 0, num = 0;

@@ -415,13 +415,12 @@ bool IsInitialized() {
 // Open MPI sends a shared-memory message above its eager limit (4 KiB by default) through a
 // single-copy path (CMA: a process_vm_readv system call and a rendezvous handshake). Decode's
 // partial sums are hidden_size floats, 8 KiB for a 2048-wide model, twice per layer: on one host
-// with 2 ranks, the time from the last rank's arrival to the end of each allreduce was 33 us
-// (median 30) in a q8_0 decode, and 15 us (median 14) with a 16 KiB eager limit
-// (docs/BENCHMARKS.md section 15). So raise it to the shared-memory transport's fragment size,
+// with 2 ranks, the time from the last rank's arrival to the end of each allreduce averaged
+// 31-34 us in a q8_0 decode, and 15-20 us with the limit at 16 or 32 KiB (docs/BENCHMARKS.md
+// section 15). So EnsureInitialized raises it to the shared-memory transport's fragment size,
 // 32 KiB, unless the user set it (mpirun --mca reaches us as the same variable). Only messages
 // up to 32 KiB change path; an MCA parameter file's value is overridden, which the variable
 // itself can undo.
-
 const char* SharedMemoryEagerLimitVariable() {
 #if defined(OMPI_MAJOR_VERSION)
   return OMPI_MAJOR_VERSION >= 5 ? "OMPI_MCA_btl_sm_eager_limit" : "OMPI_MCA_btl_vader_eager_limit";
