@@ -59,6 +59,7 @@ echo "decode_bench: OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-unset} OPENBLAS_L2_SI
 # tables show it per run (over the whole mpirun: load, prefill and decode), so a slow run can be
 # told from a slow build.
 steal_ticks() { awk '/^cpu /{print $9}' /proc/stat; }
+CLK_TCK=$(getconf CLK_TCK)
 for n in $RANKS; do
   t=$(( THREADS / n )); (( t >= 1 )) || t=1
   # Open MPI binds each rank to one core when it starts two or fewer: a rank with several
@@ -94,7 +95,7 @@ for n in $RANKS; do
 import json
 d = json.load(open('$WORK/infer.json')); d.pop('text', None)
 d.update(kind='$kind', dtype='$d', threads_per_rank=$t, repeat=$rep,
-         steal_s=$steal / $(getconf CLK_TCK))
+         steal_s=$steal / $CLK_TCK)
 print(json.dumps(d))" >> "$OUT"
           done
         done

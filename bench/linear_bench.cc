@@ -119,7 +119,7 @@ struct SweepWeights {
         // 2 MiB-aligned and hinted for huge pages before first touch, as the probe's buffer and
         // decode's resident mapping are (infer's JSON shows huge_mapped_fraction ~1). On 4 KiB
         // pages the one-thread sweep read 0.69-0.73 of the probe for q8_0 and 0.86 for f32,
-        // against 0.86-0.91 and 0.99 hinted (BENCHMARKS.md section 15).
+        // against 0.88-0.91 and 0.99 hinted (BENCHMARKS.md section 15).
         w.emplace_back(WeightBytes(wt, n, k), size_t{2} << 20);
         (void)::madvise(w.back().data(), w.back().capacity(), MADV_HUGEPAGE);  // EINVAL: no THP
         if (random_q8 && wt == WeightType::kQ8_0) {

@@ -125,7 +125,6 @@ int RunInfer(const InferArgs& a) {
   }
   std::vector<double> probe_gbps;
   int64_t probe_ns = 0;
-  double probe_inv_gbps_sum = 0;  // sum of 1 / pass bandwidth: every pass reads the same bytes
 
   const bool dump = !a.dump_logits.empty();
   std::vector<float> logits, dumped;
@@ -170,7 +169,6 @@ int RunInfer(const InferArgs& a) {
       const int64_t p0 = NowNs();
       if (Status s = comm.Barrier(); !s.ok()) return abort_all(s);
       probe_gbps.push_back(probe->PassGbps());
-      probe_inv_gbps_sum += 1.0 / probe_gbps.back();
       // And leave together: passes end up to a few ms apart (each rank's bandwidth differs), and
       // without this a rank that finished first would wait out the other's pass in the next
       // token's first allreduce, inside its decode time.
@@ -186,7 +184,9 @@ int RunInfer(const InferArgs& a) {
   double probe_median = 0, probe_time_weighted = 0;
   if (!probe_gbps.empty()) {
     // Equal bytes per pass: all bytes / all pass time is the harmonic mean of the passes.
-    probe_time_weighted = static_cast<double>(probe_gbps.size()) / probe_inv_gbps_sum;
+    double inv_sum = 0;
+    for (double g : probe_gbps) inv_sum += 1.0 / g;
+    probe_time_weighted = static_cast<double>(probe_gbps.size()) / inv_sum;
     std::sort(probe_gbps.begin(), probe_gbps.end());
     probe_median = probe_gbps[probe_gbps.size() / 2];
   }
