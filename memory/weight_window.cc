@@ -165,6 +165,32 @@ std::vector<std::pair<uint64_t, uint64_t>> MapDropRanges(const std::vector<Block
   return ranges;
 }
 
+std::vector<std::pair<uint64_t, uint64_t>> MapPairDropRanges(
+    const std::vector<BlockExtent>& blocks, uint64_t page_size) {
+  const size_t B = blocks.size();
+  std::vector<std::pair<uint64_t, uint64_t>> ranges(B > 0 ? B - 1 : 0, {0, 0});
+  for (size_t k = 0; k + 1 < B; ++k) {
+    const BlockExtent& a = blocks[k];
+    const BlockExtent& b = blocks[k + 1];
+    if (a.offset + a.bytes > b.offset) continue;  // not in file order
+    const BlockExtent both{a.offset, b.offset + b.bytes - a.offset};
+    bool alone = true;
+    for (size_t j = 0; j < B && alone; ++j) {
+      const BlockExtent& o = blocks[j];
+      if (j != k && j != k + 1 && o.offset < both.offset + both.bytes &&
+          o.offset + o.bytes > both.offset) {
+        alone = false;  // another block sits between (or over) them
+      }
+    }
+    if (!alone) continue;
+    std::vector<BlockExtent> merged(blocks.begin(), blocks.end());
+    merged[k] = both;
+    merged.erase(merged.begin() + static_cast<std::ptrdiff_t>(k) + 1);
+    ranges[k] = MapDropRanges(merged, page_size)[k];
+  }
+  return ranges;
+}
+
 StatusOr<double> SampleCachedFraction(int fd, const std::vector<BlockExtent>& blocks, int samples) {
   const uint64_t page = PageSize();
   uint64_t total_pages = 0;
@@ -318,6 +344,10 @@ Status WeightWindow::Init(const std::string& path, std::vector<BlockExtent> bloc
     }
   } else {
     drop_ranges_ = MapDropRanges(blocks_, PageSize());
+    // With W >= 4 the loader can wait for two free places and still stay >= 2 blocks ahead of
+    // compute; with fewer it could only pair by falling behind.
+    pair_ = !all_fit_ && window_ >= 4 && slot_bytes_ >= opts.pair_min_block_bytes;
+    if (pair_) pair_drop_ranges_ = MapPairDropRanges(blocks_, PageSize());
   }
   loader_ = std::thread([this] { LoaderMain(); });
   return Status::OK();
@@ -348,50 +378,105 @@ bool WeightWindow::CanLoadLocked(uint64_t seq) const {
   return seq < FrontierLocked() + static_cast<uint64_t>(window_);
 }
 
+int WeightWindow::LoadCountLocked() const {
+  const uint64_t seq = loaded_;
+  if (!CanLoadLocked(seq)) return 0;
+  if (!pair_) return 1;
+  const uint64_t B = blocks_.size();
+  const uint64_t block = seq % B;
+  const bool pairable = block + 1 < B && pair_drop_ranges_[block].second > 0;
+  if (!pairable) return 1;
+  if (CanLoadLocked(seq + 1)) return 2;
+  // Only one place is free. Wait for the next release (compute still has >= 2 blocks loaded
+  // ahead of it) unless compute is about to need this one.
+  return seq <= acquire_seq_ + 1 ? 1 : 0;
+}
+
+void WeightWindow::DropBlocks(std::vector<int>& drops) {
+  std::sort(drops.begin(), drops.end());
+  const size_t B = blocks_.size();
+  for (size_t d = 0; d < drops.size(); ++d) {
+    const auto k = static_cast<size_t>(drops[d]);
+    std::pair<uint64_t, uint64_t> range = drop_ranges_[k];
+    if (pair_ && d + 1 < drops.size() && static_cast<size_t>(drops[d + 1]) == k + 1 &&
+        k + 1 < B && pair_drop_ranges_[k].second > 0) {
+      range = pair_drop_ranges_[k];
+      ++d;
+    }
+    if (range.second > range.first) {
+      ::madvise(map_ + range.first, range.second - range.first, MADV_DONTNEED);
+    }
+  }
+  drops.clear();
+}
+
 void WeightWindow::LoaderMain() {
-  constexpr uint64_t kNoSeq = ~0ull;
   std::vector<int> drops;
   for (;;) {
     uint64_t seq;
+    int count;
     {
       std::unique_lock<std::mutex> lk(mu_);
       loader_cv_.wait(lk, [&] {
-        return stop_ || CanLoadLocked(loaded_) || !pending_drops_.empty();
+        // Unpaired, a release is dropped at once; paired, with the next load, so two
+        // releases go in one call (at most W blocks stay mapped either way: drops come first).
+        return stop_ || LoadCountLocked() > 0 || (!pair_ && !pending_drops_.empty());
       });
       if (stop_) return;
       drops.swap(pending_drops_);
       seq = loaded_;
-      if (!CanLoadLocked(seq)) seq = kNoSeq;
+      count = LoadCountLocked();
     }
-    for (int block : drops) {
-      auto [begin, end] = drop_ranges_[static_cast<size_t>(block)];
-      if (end > begin) ::madvise(map_ + begin, end - begin, MADV_DONTNEED);
+    DropBlocks(drops);
+    if (count == 0) continue;
+    // The slots for `seq`... belong to released (or never used) sequences, so they are written
+    // with the lock dropped; Acquire does not look at them until loaded_ moves past them.
+    Status s;
+    int loaded = count;
+    if (count == 2) {
+      s = FaultInBlocks(static_cast<int>(seq % blocks_.size()), 2);
+      if (!s.ok() && s.code() != StatusCode::kAborted) {
+        // Find out which of the two failed.
+        loaded = 0;
+        s = LoadSeq(seq);
+        if (s.ok()) {
+          loaded = 1;
+          s = LoadSeq(seq + 1);
+          if (s.ok()) loaded = 2;
+        }
+      }
+      if (!s.ok() && s.code() == StatusCode::kAborted) loaded = 0;
+    } else {
+      s = LoadSeq(seq);
+      if (!s.ok()) loaded = 0;
     }
-    drops.clear();
-    if (seq == kNoSeq) continue;
-    // The slot for `seq` belongs to a released (or never used) sequence, so it is written with
-    // the lock dropped; Acquire does not look at it until loaded_ moves past seq.
-    Status s = LoadSeq(seq);
-    const BlockExtent& b = blocks_[seq % blocks_.size()];
     {
       std::lock_guard<std::mutex> lk(mu_);
-      if (loaded_ > seq) {
+      for (int n = 0; n < loaded; ++n) {
+        const uint64_t q = seq + static_cast<uint64_t>(n);
         // Acquire took this block over while we prefaulted it (and counted it): nothing to
-        // record. A failure is Acquire's to find (it checks the file before handing out).
-        consumer_cv_.notify_all();
-        continue;
-      }
-      if (!s.ok()) {
-        if (stop_ && s.code() == StatusCode::kAborted) return;
-        error_ = s;
-        error_seq_ = seq;
-      } else {
-        loaded_ = seq + 1;
+        // record.
+        if (loaded_ > q) continue;
+        const BlockExtent& b = blocks_[q % blocks_.size()];
+        loaded_ = q + 1;
         stats_.blocks_loaded++;
+        if (count == 2) stats_.blocks_paired++;
         stats_.bytes_read += static_cast<int64_t>(b.bytes);
         in_flight_bytes_ += b.bytes;
         uint64_t in_flight = all_fit_ ? loaded_ : loaded_ - FrontierLocked();
         stats_.max_in_flight = std::max(stats_.max_in_flight, static_cast<int>(in_flight));
+      }
+      const uint64_t failed = seq + static_cast<uint64_t>(loaded);
+      if (!s.ok()) {
+        if (stop_ && s.code() == StatusCode::kAborted) return;
+        if (loaded_ > failed) {
+          // Acquire took the failed block over: the failure is Acquire's to find (it checks
+          // the file before handing out).
+          s = Status::OK();
+        } else {
+          error_ = s;
+          error_seq_ = failed;
+        }
       }
     }
     consumer_cv_.notify_all();
@@ -497,12 +582,15 @@ Status WeightWindow::CheckStillInFile(int block) const {
   return Status::OK();
 }
 
-Status WeightWindow::FaultInBlock(int block) {
+Status WeightWindow::FaultInBlock(int block) { return FaultInBlocks(block, 1); }
+
+Status WeightWindow::FaultInBlocks(int block, int count) {
   const BlockExtent& b = blocks_[block];
-  STRATA_RETURN_IF_ERROR(CheckStillInFile(block));
+  const BlockExtent& last = blocks_[block + count - 1];
+  for (int k = block; k < block + count; ++k) STRATA_RETURN_IF_ERROR(CheckStillInFile(k));
   const uint64_t page = PageSize();
   uint64_t begin = RoundDown(b.offset, page);
-  uint64_t end = std::min(RoundUp(b.offset + b.bytes, page), RoundUp(map_bytes_, page));
+  uint64_t end = std::min(RoundUp(last.offset + last.bytes, page), RoundUp(map_bytes_, page));
   // Without huge pages: start the reads for the whole block at once, then wait for them page
   // table entry by page table entry, so compute finds the block mapped and never takes a fault.
   // With the huge-page hint, skip WILLNEED: its readahead fills the page cache with 4 KiB
@@ -521,7 +609,7 @@ Status WeightWindow::FaultInBlock(int block) {
       if (err == EINVAL) {
         // Kernel older than 5.14: touch one byte per page ourselves, after making sure the file
         // still covers the block (a touch past EOF is SIGBUS).
-        STRATA_RETURN_IF_ERROR(CheckStillInFile(block));
+        for (int k = block; k < block + count; ++k) STRATA_RETURN_IF_ERROR(CheckStillInFile(k));
         volatile uint8_t sink = 0;
         for (uint64_t p = at; p < at + len; p += page) sink = sink + map_[p];
         (void)sink;
@@ -595,9 +683,13 @@ StatusOr<const uint8_t*> WeightWindow::Acquire(int i) {
     STRATA_RETURN_IF_ERROR(CheckStillInFile(i));
     ptr = map_ + b.offset;
   }
-  std::lock_guard<std::mutex> lk(mu_);
-  held_.push_back({seq, false});
-  acquire_seq_++;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    held_.push_back({seq, false});
+    acquire_seq_++;
+  }
+  // A paired loader waiting with one place free loads it alone once compute gets close.
+  if (pair_) loader_cv_.notify_all();
   return ptr;
 }
 

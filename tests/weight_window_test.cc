@@ -143,6 +143,7 @@ const char* CaseName(Case c) {
 WindowOptions OptionsFor(Case c, int w) {
   WindowOptions o;
   o.window = w;
+  o.pair_min_block_bytes = 0;  // with W >= 4, map mode loads these small blocks in pairs
   switch (c) {
     case Case::kResident:
       o.window = 0;
@@ -252,7 +253,7 @@ INSTANTIATE_TEST_SUITE_P(AllModes, StreamTest,
                          testing::Combine(testing::Values(Case::kResident, Case::kCopy,
                                                           Case::kCopyDirect, Case::kMap,
                                                           Case::kAuto),
-                                          testing::Values(1, 2, 3, 100, 102)),
+                                          testing::Values(1, 2, 3, 4, 5, 100, 102)),
                          [](const testing::TestParamInfo<std::tuple<Case, int>>& param_info) {
                            int w = std::get<1>(param_info.param);
                            std::string ws =
@@ -549,6 +550,19 @@ TEST(WeightWindowTest, MapDropRangesNeverTouchOtherBlocks) {
   EXPECT_EQ(MapDropRanges(overlap, 4096), (R{{4096, 8192}, {20480, 20480}}));
 }
 
+TEST(WeightWindowTest, MapPairDropRangesTreatTwoBlocksAsOne) {
+  using R = std::vector<std::pair<uint64_t, uint64_t>>;
+  std::vector<BlockExtent> blocks = {{0, 20000}, {20480, 4096}, {24576, 40000}, {65536, 16384}};
+  EXPECT_EQ(MapPairDropRanges(blocks, 4096), (R{{0, 24576}, {20480, 65536}, {24576, 81920}}));
+  // 16 KiB pages: blocks 0 + 1 stop before the page block 2 starts on; blocks 1 + 2 start past
+  // the page they share with block 0, and blocks 2 + 3 past the one they share with block 1.
+  EXPECT_EQ(MapPairDropRanges(blocks, 16384), (R{{0, 16384}, {32768, 65536}, {32768, 81920}}));
+  // Compute order that is not file order, or a block lying between two: no pair. A pair keeps
+  // the single-block rule of dropping the filler up to the next block in the file.
+  std::vector<BlockExtent> shuffled = {{24576, 4096}, {0, 4096}, {8192, 4096}, {40960, 4096}};
+  EXPECT_EQ(MapPairDropRanges(shuffled, 4096), (R{{0, 0}, {0, 24576}, {0, 0}}));
+}
+
 // Present bits of our own page table (/proc/self/pagemap, bit 63) for [p, p + len).
 int PresentPages(const uint8_t* p, uint64_t len) {
   int fd = ::open("/proc/self/pagemap", O_RDONLY);
@@ -606,6 +620,48 @@ TEST(WeightWindowTest, MapReleaseDropsOnlyItsBlock) {
   EXPECT_TRUE(Matches(*p2, f.expected[2]));
   EXPECT_EQ(PresentPages(*p2, bytes), pages);
   (*w)->Release(2);
+  ::unlink(f.path.c_str());
+}
+
+// kMap with W >= 4 prefaults and drops two blocks per madvise, and still never maps more than
+// W blocks.
+TEST(WeightWindowTest, MapPairsLoadsAndStaysWithinW) {
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t bytes = 16 * page;
+  const int B = 8, W = 4;
+  ShardFile f = WriteShard("pairs", std::vector<uint64_t>(B, bytes));
+  WindowOptions o;
+  o.mode = WindowMode::kMap;
+  o.window = W;
+  o.pair_min_block_bytes = 0;  // pair these small blocks too
+  auto w = WeightWindow::Open(f.path, f.blocks, o);
+  ASSERT_TRUE(w.ok()) << w.status();
+  const uint8_t* base = nullptr;
+  int most_mapped = 0;
+  for (int token = 0; token < 3; ++token) {
+    for (int i = 0; i < B; ++i) {
+      auto p = (*w)->Acquire(i);
+      ASSERT_TRUE(p.ok()) << p.status();
+      ASSERT_TRUE(Matches(*p, f.expected[i])) << "token " << token << " block " << i;
+      if (i == 0) base = *p - f.blocks[0].offset;
+      // Compute time, so the loader (not Acquire) brings blocks in.
+      std::this_thread::sleep_for(std::chrono::milliseconds(3));
+      const int mapped = PresentPages(base + f.blocks[0].offset,
+                                      f.blocks[B - 1].offset + bytes - f.blocks[0].offset);
+      if (mapped < 0) GTEST_SKIP() << "/proc/self/pagemap not readable";
+      most_mapped = std::max(most_mapped, mapped);
+      (*w)->Release(i);
+    }
+  }
+  WindowStats s = (*w)->stats();
+  EXPECT_GT(s.blocks_paired, 0);
+  EXPECT_EQ(s.blocks_paired % 2, 0) << "a pair is two blocks";
+  EXPECT_LE(s.max_in_flight, W);
+  EXPECT_GE(s.blocks_loaded, 3 * B);
+  if (s.blocks_self_loaded == 0) {
+    // Every block came through the loader, which drops released blocks before it maps more.
+    EXPECT_LE(most_mapped, W * static_cast<int>(bytes / page));
+  }
   ::unlink(f.path.c_str());
 }
 
