@@ -378,14 +378,15 @@ bool WeightWindow::CanLoadLocked(uint64_t seq) const {
   return seq < FrontierLocked() + static_cast<uint64_t>(window_);
 }
 
+bool WeightWindow::Pairable(uint64_t block) const {
+  return pair_ && block + 1 < blocks_.size() && pair_drop_ranges_[block].second > 0;
+}
+
 int WeightWindow::LoadCountLocked() const {
   const uint64_t seq = loaded_;
   if (!CanLoadLocked(seq)) return 0;
   if (!pair_) return 1;
-  const uint64_t B = blocks_.size();
-  const uint64_t block = seq % B;
-  const bool pairable = block + 1 < B && pair_drop_ranges_[block].second > 0;
-  if (!pairable) return 1;
+  if (!Pairable(seq % blocks_.size())) return 1;
   if (CanLoadLocked(seq + 1)) return 2;
   // Only one place is free. Wait for the next release (compute still has >= 2 blocks loaded
   // ahead of it) unless compute is about to need this one.
@@ -394,12 +395,10 @@ int WeightWindow::LoadCountLocked() const {
 
 void WeightWindow::DropBlocks(std::vector<int>& drops) {
   std::sort(drops.begin(), drops.end());
-  const size_t B = blocks_.size();
   for (size_t d = 0; d < drops.size(); ++d) {
     const auto k = static_cast<size_t>(drops[d]);
     std::pair<uint64_t, uint64_t> range = drop_ranges_[k];
-    if (pair_ && d + 1 < drops.size() && static_cast<size_t>(drops[d + 1]) == k + 1 &&
-        k + 1 < B && pair_drop_ranges_[k].second > 0) {
+    if (d + 1 < drops.size() && static_cast<size_t>(drops[d + 1]) == k + 1 && Pairable(k)) {
       range = pair_drop_ranges_[k];
       ++d;
     }
@@ -429,29 +428,23 @@ void WeightWindow::LoaderMain() {
     }
     DropBlocks(drops);
     if (count == 0) continue;
-    // The slots for `seq`... belong to released (or never used) sequences, so they are written
-    // with the lock dropped; Acquire does not look at them until loaded_ moves past them.
-    Status s;
-    int loaded = count;
-    if (count == 2) {
-      s = FaultInBlocks(static_cast<int>(seq % blocks_.size()), 2);
-      if (!s.ok() && s.code() != StatusCode::kAborted) {
-        // Find out which of the two failed.
-        loaded = 0;
-        s = LoadSeq(seq);
-        if (s.ok()) {
-          loaded = 1;
-          s = LoadSeq(seq + 1);
-          if (s.ok()) loaded = 2;
-        }
-      }
-      if (!s.ok() && s.code() == StatusCode::kAborted) loaded = 0;
-    } else {
+    // Map mode only touches the mapping; a copy-mode slot for `seq` belongs to a released (or
+    // never used) sequence. Either way the lock is dropped: Acquire does not look at the block
+    // until loaded_ moves past it.
+    Status s = count == 2 ? FaultInBlocks(static_cast<int>(seq % blocks_.size()), 2) : LoadSeq(seq);
+    int loaded = s.ok() ? count : 0;
+    if (count == 2 && !s.ok() && s.code() != StatusCode::kAborted) {
+      // Find out which of the two failed.
       s = LoadSeq(seq);
-      if (!s.ok()) loaded = 0;
+      if (s.ok()) {
+        loaded = 1;
+        s = LoadSeq(seq + 1);
+        if (s.ok()) loaded = 2;
+      }
     }
     {
       std::lock_guard<std::mutex> lk(mu_);
+      if (count == 2) stats_.blocks_paired += loaded;
       for (int n = 0; n < loaded; ++n) {
         const uint64_t q = seq + static_cast<uint64_t>(n);
         // Acquire took this block over while we prefaulted it (and counted it): nothing to
@@ -460,7 +453,6 @@ void WeightWindow::LoaderMain() {
         const BlockExtent& b = blocks_[q % blocks_.size()];
         loaded_ = q + 1;
         stats_.blocks_loaded++;
-        if (count == 2) stats_.blocks_paired++;
         stats_.bytes_read += static_cast<int64_t>(b.bytes);
         in_flight_bytes_ += b.bytes;
         uint64_t in_flight = all_fit_ ? loaded_ : loaded_ - FrontierLocked();

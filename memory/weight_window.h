@@ -104,9 +104,9 @@ struct WindowStats {
   // anyway (compute faults them in from the page cache itself) instead of waiting for a loader
   // that a busy machine has not scheduled.
   int64_t blocks_self_loaded = 0;
-  // kMap with W >= 4: blocks the loader prefaulted together with the next one, in one
-  // madvise call (and whose pages it later dropped with the next one's). Per-call costs
-  // (mmap lock, page-table walk set-up, a TLB shootdown per DONTNEED) then come once per pair.
+  // kMap with W >= 4: blocks the loader prefaulted together with the next one, as one range
+  // (and whose pages it drops with the next one's, in one MADV_DONTNEED). Per-call costs (mmap
+  // lock, page-table walk set-up, a TLB shootdown per DONTNEED) then come once per pair.
   int64_t blocks_paired = 0;
 };
 
@@ -180,8 +180,11 @@ class WeightWindow {
   Status LoadSeq(uint64_t seq);
   Status ReadBlock(int block, uint8_t* dst);
   Status FaultInBlock(int block);
-  // kMap: prefaults blocks [block, block + count) (count 1, or 2 for a pair) with one madvise.
+  // kMap: prefaults blocks [block, block + count) (count 1, or 2 for a pair) as one range.
   Status FaultInBlocks(int block, int count);
+  // Pairing is on and `block` may go with block + 1 (pair_ and pair_drop_ranges_ are fixed at
+  // Init, so any thread may ask).
+  bool Pairable(uint64_t block) const;
   // How many blocks the loader should load now, from loaded_ on (0: wait); caller holds mu_.
   int LoadCountLocked() const;
   // kMap: drops the pages of released blocks, a pair at a time where it can.
