@@ -51,12 +51,14 @@ void SwiGLU(float* out, const float* gate, const float* up, int64_t n);
 
 // Causal grouped-query attention for n_tokens new tokens whose keys and values are already in the
 // caches. q and out are [n_tokens, n_heads, head_dim]; k_cache and v_cache are
-// [max_seq, n_kv_heads, head_dim] f32. Token t attends to cache rows 0..positions[t]; head h reads
-// kv head h / (n_heads / n_kv_heads); scores are scaled by 1/sqrt(head_dim). Parallel over
-// (token, head) on `pool` (null: caller only); scratch is allocated per call.
+// [max_seq, n_kv_heads, head_dim] f32. Token t attends to cache rows 0..positions[t], or with a
+// sliding window of `window` > 0 tokens (Mistral's sliding_window) to the last `window` of them,
+// itself included: rows max(0, positions[t] - window + 1)..positions[t], as transformers masks
+// it. Head h reads kv head h / (n_heads / n_kv_heads); scores are scaled by 1/sqrt(head_dim).
+// Parallel over (token, head) on `pool` (null: caller only); scratch is allocated per call.
 void Attention(float* out, const float* q, const float* k_cache, const float* v_cache,
                int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-               const int32_t* positions, ThreadPool* pool);
+               const int32_t* positions, int64_t window, ThreadPool* pool);
 
 // The instruction set the dispatcher picked: "avx512" (F, BW, VL, VNNI), "avx2" (with FMA, F16C)
 // or "generic".

@@ -29,6 +29,7 @@ struct InferArgs {
   std::string shards;
   std::string prompt;
   int max_tokens = 64;
+  int64_t context = 0;  // KV cache length; 0 = min(max_position_embeddings, 2048)
   float temperature = 0.8f;
   float top_p = 0.95f;
   uint64_t seed = 0;
@@ -104,14 +105,17 @@ int RunInfer(const InferArgs& a) {
   eo.window_mode = *wm;
   eo.direct_io = a.direct_io;
   eo.allreduce = *algo;
+  eo.max_seq = a.context;
   StatusOr<std::unique_ptr<parallel::TpEngine>> engine = parallel::TpEngine::Open(a.shards, comm, eo);
   if (!engine.ok()) return abort_all(engine.status());
   parallel::TpEngine& e = **engine;
   const int64_t vocab = e.config().vocab_size;
   if (n_prompt + a.max_tokens > e.max_seq()) {
     return abort_all(Status::InvalidArgument(
-        "prompt (" + std::to_string(n_prompt) + " tokens) + --max-tokens exceeds the context of " +
-        std::to_string(e.max_seq()) + " tokens"));
+        "prompt (" + std::to_string(n_prompt) + " tokens) + --max-tokens (" +
+        std::to_string(a.max_tokens) + ") exceeds the context of " + std::to_string(e.max_seq()) +
+        " tokens (--context raises it, up to the model's max_position_embeddings " +
+        std::to_string(e.config().max_position_embeddings) + ")"));
   }
 
   // --probe-bandwidth: one pass of `strata bench membw`'s streaming read over a buffer of this
@@ -210,7 +214,7 @@ int RunInfer(const InferArgs& a) {
   nlohmann::json j = {{"text", text}, {"prompt_tokens", n_prompt}, {"tokens", generated},
                       {"ttft_ms", ttft_ms}, {"prefill_tokens_per_s", prefill_tps},
                       {"decode_tokens_per_s", decode_tps}, {"decode_steps", steps},
-                      {"ranks", comm.size()},
+                      {"ranks", comm.size()}, {"context", e.max_seq()},
                       {"window", a.window}, {"window_mode", memory::WindowModeName(e.window_mode())},
                       {"allreduce", a.allreduce}, {"transport", a.transport},
                       {"peak_rss_bytes", nlohmann::json::array()},
@@ -288,6 +292,12 @@ void AddInferCommand(CLI::App& root, std::vector<Command>& commands) {
   app->add_option("--shards", a->shards, "Folder written by strata shard")->required();
   app->add_option("--prompt", a->prompt, "Prompt text")->required();
   app->add_option("--max-tokens", a->max_tokens, "Tokens to generate")->capture_default_str();
+  app->add_option("--context", a->context,
+                  "KV cache length in tokens, prompt + generated (each rank keeps K and V in f32 "
+                  "for its KV heads, allocated up front); 0 = the model's "
+                  "max_position_embeddings, at most 2048")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   app->add_option("--temperature", a->temperature, "Sampling temperature")->capture_default_str();
   app->add_option("--top-p", a->top_p, "Nucleus sampling mass")->capture_default_str();
   app->add_option("--seed", a->seed, "Sampling seed")->capture_default_str();

@@ -90,6 +90,12 @@ Status TpEngine::Load(const std::string& shard_dir) {
   heads_ = m.slice().head_end() - m.slice().head_begin();
   kv_heads_ = m.slice().kv_head_end() - m.slice().kv_head_begin();
   ffn_ = m.slice().ffn_end() - m.slice().ffn_begin();
+  if (opts_.max_seq < 0 || opts_.max_seq > config_.max_position_embeddings) {
+    return Status::InvalidArgument(fmt::format(
+        "a context of {} tokens is outside what this model allows (1..{}, its "
+        "max_position_embeddings)",
+        opts_.max_seq, config_.max_position_embeddings));
+  }
   max_seq_ = opts_.max_seq > 0 ? opts_.max_seq
                                : std::min<int64_t>(config_.max_position_embeddings, 2048);
   if (m.blocks_size() != 2 * config_.num_hidden_layers) {
@@ -300,7 +306,7 @@ Status TpEngine::Forward(const int32_t* tokens, int64_t n, int64_t pos, bool all
       std::memcpy(vc + (pos + t) * row, vp + t * row, row * 4);
     }
     kernels::Attention(att.data(), qp, kc, vc, n, heads_, kv_heads_, hd, positions.data(),
-                       pool_);
+                       c.sliding_window, pool_);
     kernels::Linear(part.data(), att.data(), w.w[3], wtype_, n, hidden, heads_ * hd, pool_);
     window_->Release(attn_index);
     STRATA_RETURN_IF_ERROR(AllreduceInto(x.data(), part.data(), n * hidden));

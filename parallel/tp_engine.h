@@ -28,7 +28,8 @@ struct EngineOptions {
   bool direct_io = false;
   // The algorithm of the two per-layer allreduces.
   comm::Algorithm allreduce = comm::Algorithm::kStar;
-  // KV cache length in tokens; 0 = min(max_position_embeddings, 2048).
+  // KV cache length in tokens (the context: prompt + generated); 0 = min(max_position_embeddings,
+  // 2048). More than max_position_embeddings is refused.
   int64_t max_seq = 0;
   // Compute threads; null: ThreadPool::Default(). Must outlive the engine.
   ThreadPool* pool = nullptr;

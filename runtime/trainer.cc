@@ -156,6 +156,13 @@ StatusOr<std::unique_ptr<TrainExecutor>> TrainExecutor::Create(const LlamaConfig
         "sequence length {} is longer than the model allows (max_position_embeddings {})",
         options.seq, config.max_position_embeddings));
   }
+  if (config.sliding_window > 0 && options.seq > config.sliding_window) {
+    // The training attention is causal over the whole sequence; a banded mask is not written.
+    return Status::Unimplemented(fmt::format(
+        "sequence length {} is longer than this model's sliding_window {}: training attends over "
+        "the whole sequence, so use a sequence length of at most {}",
+        options.seq, config.sliding_window, config.sliding_window));
+  }
   if (options.anchor_every < 1) return Status::InvalidArgument("anchor_every must be >= 1");
   if (options.ce_chunk_tokens < 1) return Status::InvalidArgument("ce_chunk_tokens must be >= 1");
   const bool bf16 = options.precision == Precision::kBF16;

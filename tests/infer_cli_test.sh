@@ -63,4 +63,24 @@ if timeout 60 "${MPIRUN[@]}" -np 1 "$STRATA" infer --shards "$WORK/s2" --prompt 
   echo "infer_cli_test: wrong rank count was accepted"; exit 1
 fi
 grep -q "shard the model for 1 ranks" "$WORK/err.txt" || { cat "$WORK/err.txt"; exit 1; }
+# --context: the KV cache length. Prompt + --max-tokens beyond it is refused up front (naming
+# the flag); a context beyond max_position_embeddings is refused; one that fits runs the same
+# tokens as the default context.
+expect_error() {  # expect_error PATTERN ARGS...: a non-zero exit whose stderr holds PATTERN
+  local pattern="$1"; shift
+  if timeout 60 "${MPIRUN[@]}" -np 1 "$STRATA" infer --shards "$WORK/s1" --greedy "$@" \
+      > /dev/null 2> "$WORK/err.txt"; then
+    echo "infer_cli_test: accepted: $*"; exit 1
+  fi
+  grep -q -- "$pattern" "$WORK/err.txt" || { cat "$WORK/err.txt"; exit 1; }
+}
+expect_error "exceeds the context of 8 tokens (--context raises it" --prompt "Once upon a time" \
+  --max-tokens 16 --context 8
+expect_error "outside what this model allows" --prompt x --max-tokens 1 --context 1000000
+"${MPIRUN[@]}" -np 1 "$STRATA" infer --shards "$WORK/s1" --prompt "Once upon a time" \
+  --max-tokens 16 --greedy --json --context 40 > "$WORK/ctx.json"
+/usr/bin/python3 -c 'import json, sys
+a, b = (json.load(open(p)) for p in sys.argv[1:])
+assert a["text"] == b["text"], (a["text"], b["text"])
+assert a["context"] == 256 and b["context"] == 40, (a["context"], b["context"])' "$WORK/out1.json" "$WORK/ctx.json"
 echo "infer_cli_test: passed"

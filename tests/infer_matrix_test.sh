@@ -9,17 +9,24 @@
 #   - the 1-rank greedy tokens equal PyTorch's (tests/reference/llama_ref.py --generate 32, which
 #     re-runs the full forward on the growing sequence, no KV cache), the prompt ids equal
 #     python-sentencepiece's, and the 1-rank logits match PyTorch's to 1e-4.
-#   infer_matrix_test.sh STRATA_BINARY SOURCE_DIR
+# With a third argument W > 0 the model is Mistral-style with sliding_window W and a prompt
+# longer than W, so both the prefill and the decode attend through the window; fewer rank cases
+# run, and PyTorch's logits without the window must differ (the window is really exercised).
+#   infer_matrix_test.sh STRATA_BINARY SOURCE_DIR [SLIDING_WINDOW]
 set -euo pipefail
-STRATA="$1"; SRC="$2"
+STRATA="$1"; SRC="$2"; SW="${3:-0}"
 WORK="$(mktemp -d /tmp/strata-infer-matrix-XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
 PY=/usr/bin/python3
 PROMPT="Hello world"  # greedy output of this model: 25 distinct tokens in 32, no eos
 STEPS=32
+MODEL_ARGS=(--heads 8 --kv-heads 4 --intermediate 200)
+if (( SW > 0 )); then
+  PROMPT="Hello world, hello world, hello world"  # 22 tokens; 32 greedy steps, no eos
+  MODEL_ARGS+=(--sliding-window "$SW")
+fi
 
-"$PY" "$SRC/tests/reference/make_tiny_llama.py" --out "$WORK/model" --heads 8 --kv-heads 4 \
-  --intermediate 200 > /dev/null
+"$PY" "$SRC/tests/reference/make_tiny_llama.py" --out "$WORK/model" "${MODEL_ARGS[@]}" > /dev/null
 
 # The torch side: prompt ids from python-sentencepiece (BOS first, as strata encodes), then greedy
 # decoding in PyTorch.
@@ -36,6 +43,19 @@ print(",".join(str(i) for i in [sp.bos_id()] + sp.encode(sys.argv[2])))' \
 CASES=(1:-:star:f32:mpi 2:-:star:f32:mpi 2:3,1:ring:f32:mpi 3:-:star:f32:mpi
        3:2,1,1:ring:f32:mpi 3:1,3,1:star:f32:tcp 3:1,1,2:tree:f32:mpi 4:-:star:f32:mpi
        4:1,2,3,4:tree:f32:mpi 4:-:ring:f32:tcp 1:-:star:bf16:mpi 4:1,2,3,4:ring:bf16:mpi)
+if (( SW > 0 )); then
+  CASES=(1:-:star:f32:mpi 2:-:star:f32:mpi 3:1,1,2:tree:f32:mpi)
+  # The same weights without the window: PyTorch's logits of the same sequence must differ.
+  mkdir "$WORK/nowindow"
+  ln -s "$WORK/model/"*.safetensors "$WORK/model/tokenizer.model" "$WORK/nowindow/"
+  "$PY" -c 'import json, sys
+c = json.load(open(sys.argv[1])); del c["sliding_window"]; json.dump(c, open(sys.argv[2], "w"))' \
+    "$WORK/model/config.json" "$WORK/nowindow/config.json"
+  "$PY" -c 'import json, sys; d = json.load(open(sys.argv[1]))
+print(",".join(str(t) for t in d["prompt"] + d["tokens"]))' "$WORK/torch.json" > "$WORK/seq.txt"
+  "$PY" "$SRC/tests/reference/llama_ref.py" --model "$WORK/nowindow" --tokens "$(cat "$WORK/seq.txt")" \
+    --out "$WORK/torch_nowindow.f32"
+fi
 for c in "${CASES[@]}"; do
   IFS=: read -r n ratios algo dtype transport <<< "$c"
   tag="${c//[:,]/_}"
@@ -48,10 +68,10 @@ for c in "${CASES[@]}"; do
     --transport "$transport" --dump-logits "$WORK/l$tag.f32" > "$WORK/out$tag.json"
 done
 
-"$PY" - "$WORK" "$IDS" $STEPS "${CASES[@]}" <<'PY'
+"$PY" - "$WORK" "$IDS" $STEPS "$SW" "${CASES[@]}" <<'PY'
 import json, re, sys
 import numpy as np
-w, steps, cases = sys.argv[1], int(sys.argv[3]), sys.argv[4:]
+w, steps, sw, cases = sys.argv[1], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
 ids = [int(t) for t in sys.argv[2].split(",")]
 tag = lambda c: c.replace(":", "_").replace(",", "_")
 
@@ -79,6 +99,15 @@ assert err_torch <= 1e-4, f"1-rank logits differ from PyTorch: rel err {err_torc
 print(f"infer_matrix_test: 1 rank = PyTorch: {steps} greedy tokens identical, logits rel err "
       f"{err_torch:.2e} (smallest top-2 margin {torch['min_margin']:.2e}, "
       f"max abs diff {float(np.abs(b_logits - t_logits).max()):.2e})")
+if sw > 0:
+    assert len(ids) > sw, f"the prompt ({len(ids)} tokens) must be longer than the window {sw}"
+    full = np.fromfile(f"{w}/torch_nowindow.f32", "<f4").reshape(-1, vocab)
+    t2 = t_logits.reshape(-1, vocab)
+    assert rel(t2[:sw], full[:sw]) <= 1e-6, "before the window fills, the window changes nothing"
+    err_full = rel(t2[sw:], full[sw:])
+    assert err_full > 1e-2, f"the window changed the logits by only {err_full:.2e}"
+    print(f"infer_matrix_test: sliding window {sw} over a {len(ids)}-token prompt: logits differ "
+          f"from full causal attention by {err_full:.2e} after position {sw}")
 
 # Each uneven case must really be uneven: kv heads per rank from the plan strata shard printed.
 want_kv = {"2:3,1": [3, 1], "3:2,1,1": [2, 1, 1], "3:1,3,1": [1, 2, 1], "3:1,1,2": [1, 1, 2],
@@ -114,6 +143,7 @@ for c in cases:
     print(f"infer_matrix_test: {dtype} {n} rank(s) ratios {ratios} {algo} {transport}: kv heads "
           f"{kv}, ffn {ffn}, rel err vs 1 rank {err:.2e}, tokens identical")
 # bf16 weights are a different model from f32: only check that it ran the full 32 steps.
-assert "bf16" in baselines and len(baselines["bf16"][1]["tokens"]) == len(ids) + steps
+if sw == 0:
+    assert "bf16" in baselines and len(baselines["bf16"][1]["tokens"]) == len(ids) + steps
 PY
 echo "infer_matrix_test: passed"

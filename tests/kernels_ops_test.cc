@@ -51,6 +51,7 @@ struct LinearCase {
 struct AttnCase {
   std::string name;
   int64_t T, H, KVH, D, S;
+  int64_t window;  // 0: every earlier key
   std::vector<float> q, k, v;
   std::vector<int32_t> pos;
 };
@@ -195,13 +196,17 @@ class OpsRefTest : public ::testing::Test {
     // decode step at position 0 (attends to itself only); and, with Llama's head sizes 64 and
     // 128 (the avx512 path scores 16 keys at a time for those), tokens whose rows of 22..40 and
     // 31..33 scores take full and partial 16-key blocks.
-    for (auto [name, T, first, S, D] :
-         {std::tuple<const char*, int64_t, int32_t, int64_t, int64_t>{"attn_prefill", 5, 3, 8, 16},
-          {"attn_decode", 1, 0, 8, 16}, {"attn_prefill_d64", 19, 21, 40, 64},
-          {"attn_prefill_d128", 3, 30, 33, 128}}) {
+    // Sliding windows (Mistral): a prefill whose first tokens still see every key and whose
+    // later ones see the last 7, and windows of 17 and 1 over 16-key blocks.
+    for (auto [name, T, first, S, D, W] :
+         {std::tuple<const char*, int64_t, int32_t, int64_t, int64_t, int64_t>{
+              "attn_prefill", 5, 3, 8, 16, 0},
+          {"attn_decode", 1, 0, 8, 16, 0}, {"attn_prefill_d64", 19, 21, 40, 64, 0},
+          {"attn_prefill_d128", 3, 30, 33, 128, 0}, {"attn_window_prefill", 12, 2, 14, 16, 7},
+          {"attn_window_d64", 19, 21, 40, 64, 17}, {"attn_window_one", 4, 9, 13, 64, 1}}) {
       AttnCase a;
       a.name = name;
-      a.T = T, a.H = 8, a.KVH = 2, a.D = D, a.S = S;
+      a.T = T, a.H = 8, a.KVH = 2, a.D = D, a.S = S, a.window = W;
       a.q = Random(rng, static_cast<size_t>(a.T * a.H * a.D));
       a.k = Random(rng, static_cast<size_t>(a.S * a.KVH * a.D));
       a.v = Random(rng, static_cast<size_t>(a.S * a.KVH * a.D));
@@ -211,7 +216,7 @@ class OpsRefTest : public ::testing::Test {
       WriteRaw(dir_ / (a.name + ".v"), a.v);
       WriteRaw(dir_ / (a.name + ".pos"), a.pos);
       manifest << a.name << " attention " << a.T << " " << a.H << " " << a.KVH << " " << a.D << " "
-               << a.S << "\n";
+               << a.S << " " << a.window << "\n";
       attn_cases_->push_back(std::move(a));
     }
 
@@ -336,12 +341,12 @@ TEST_F(OpsRefTest, AttentionMatchesTorchOnEveryIsa) {
       SCOPED_TRACE(std::string(table->isa) + " " + a.name);
       std::vector<float> out(a.q.size(), NAN);
       AttentionWith(*table, out.data(), a.q.data(), a.k.data(), a.v.data(), a.T, a.H, a.KVH, a.D,
-                    a.pos.data(), &pool);
+                    a.pos.data(), a.window, &pool);
       EXPECT_LE(RelErr(out, ref), 1e-5);
     }
     std::vector<float> out(a.q.size());
     Attention(out.data(), a.q.data(), a.k.data(), a.v.data(), a.T, a.H, a.KVH, a.D, a.pos.data(),
-              nullptr);
+              a.window, nullptr);
     EXPECT_LE(RelErr(out, ref), 1e-5) << a.name;
   }
 }
@@ -351,13 +356,33 @@ TEST_F(OpsRefTest, AttentionDecodeAtPositionZeroReturnsV) {
   const AttnCase& a = attn_cases_->at(1);
   ASSERT_EQ(a.pos[0], 0);
   std::vector<float> out(a.q.size());
-  Attention(out.data(), a.q.data(), a.k.data(), a.v.data(), a.T, a.H, a.KVH, a.D, a.pos.data(),
+  Attention(out.data(), a.q.data(), a.k.data(), a.v.data(), a.T, a.H, a.KVH, a.D, a.pos.data(), 0,
             nullptr);
   for (int64_t h = 0; h < a.H; ++h) {
     const int64_t kvh = h / (a.H / a.KVH);
     for (int64_t d = 0; d < a.D; ++d) {
       EXPECT_FLOAT_EQ(out[static_cast<size_t>(h * a.D + d)],
                       a.v[static_cast<size_t>(kvh * a.D + d)]);
+    }
+  }
+}
+
+TEST_F(OpsRefTest, AttentionWindowOfOneReturnsEachTokensOwnV) {
+  // Closed form: a window of one leaves each token only its own key, so every head returns its
+  // kv head's V row at the token's position, whatever the scores.
+  const AttnCase& a = attn_cases_->back();
+  ASSERT_EQ(a.window, 1);
+  std::vector<float> out(a.q.size());
+  Attention(out.data(), a.q.data(), a.k.data(), a.v.data(), a.T, a.H, a.KVH, a.D, a.pos.data(), 1,
+            nullptr);
+  for (int64_t t = 0; t < a.T; ++t) {
+    for (int64_t h = 0; h < a.H; ++h) {
+      const int64_t kvh = h / (a.H / a.KVH);
+      for (int64_t d = 0; d < a.D; ++d) {
+        EXPECT_FLOAT_EQ(out[static_cast<size_t>((t * a.H + h) * a.D + d)],
+                        a.v[static_cast<size_t>((a.pos[static_cast<size_t>(t)] * a.KVH + kvh) *
+                                                    a.D + d)]);
+      }
     }
   }
 }

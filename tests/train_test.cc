@@ -302,6 +302,14 @@ TEST_F(TrainTest, BadInputIsAClearError) {
   auto t = DpTrainer::Create((*m)->config(), store->get(), nullptr, o, &pool);
   ASSERT_FALSE(t.ok());
   EXPECT_NE(t.status().ToString().find("longer than the model allows"), std::string::npos);
+  // A Mistral-style window shorter than the sequence would need a banded mask training lacks.
+  runtime::LlamaConfig windowed = (*m)->config();
+  windowed.sliding_window = Options().seq - 1;
+  t = DpTrainer::Create(windowed, store->get(), nullptr, Options(), &pool);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), StatusCode::kUnimplemented) << t.status().ToString();
+  windowed.sliding_window = Options().seq;
+  EXPECT_TRUE(DpTrainer::Create(windowed, store->get(), nullptr, Options(), &pool).ok());
   o = Options();
   o.batch = 3;
   o.micro_batch = 2;

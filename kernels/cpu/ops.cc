@@ -158,8 +158,9 @@ void Linear(float* y, const float* x, const void* w, WeightType wt, int64_t M, i
 
 void AttentionWith(const OpsTable& table, float* out, const float* q, const float* k_cache,
                    const float* v_cache, int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads,
-                   int64_t head_dim, const int32_t* positions, ThreadPool* pool) {
+                   int64_t head_dim, const int32_t* positions, int64_t window, ThreadPool* pool) {
   STRATA_CHECK(n_kv_heads > 0 && n_heads % n_kv_heads == 0);
+  STRATA_CHECK(window >= 0);
   const int64_t group = n_heads / n_kv_heads;
   const int64_t kv_stride = n_kv_heads * head_dim;
   const float scale = 1.0f / sqrtf(static_cast<float>(head_dim));
@@ -168,6 +169,7 @@ void AttentionWith(const OpsTable& table, float* out, const float* q, const floa
     STRATA_CHECK(positions[t] >= 0);
     max_len = std::max<int64_t>(max_len, positions[t] + 1);
   }
+  if (window > 0) max_len = std::min(max_len, window);
   ParallelOrInline(pool, static_cast<size_t>(n_tokens * n_heads), 1, [&](size_t b, size_t e) {
     thread_local std::vector<float> scratch;  // per thread, grown once: no allocation per token
     if (scratch.size() < static_cast<size_t>(max_len)) scratch.resize(static_cast<size_t>(max_len));
@@ -176,17 +178,20 @@ void AttentionWith(const OpsTable& table, float* out, const float* q, const floa
       const int64_t h = static_cast<int64_t>(i) % n_heads;
       const int64_t kvh = h / group;
       const int64_t off = (t * n_heads + h) * head_dim;
-      table.attend(out + off, q + off, k_cache + kvh * head_dim, v_cache + kvh * head_dim,
-                   kv_stride, head_dim, positions[t] + 1, scale, scratch.data());
+      // The visible keys are one contiguous run of cache rows, so a window is an offset.
+      const int64_t first = window > 0 ? std::max<int64_t>(0, positions[t] + 1 - window) : 0;
+      const int64_t row0 = first * kv_stride + kvh * head_dim;
+      table.attend(out + off, q + off, k_cache + row0, v_cache + row0, kv_stride, head_dim,
+                   positions[t] + 1 - first, scale, scratch.data());
     }
   });
 }
 
 void Attention(float* out, const float* q, const float* k_cache, const float* v_cache,
                int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim,
-               const int32_t* positions, ThreadPool* pool) {
+               const int32_t* positions, int64_t window, ThreadPool* pool) {
   AttentionWith(Table(), out, q, k_cache, v_cache, n_tokens, n_heads, n_kv_heads, head_dim,
-                positions, pool);
+                positions, window, pool);
 }
 
 void RmsNorm(float* out, const float* x, const float* weight, int64_t rows, int64_t dim,

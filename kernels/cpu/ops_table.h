@@ -69,6 +69,7 @@ void LinearWith(const OpsTable& table, float* y, const float* x, const void* w, 
                 int64_t M, int64_t N, int64_t K, ThreadPool* pool);
 void AttentionWith(const OpsTable& table, float* out, const float* q, const float* k_cache,
                    const float* v_cache, int64_t n_tokens, int64_t n_heads, int64_t n_kv_heads,
-                   int64_t head_dim, const int32_t* positions, ThreadPool* pool);
+                   int64_t head_dim, const int32_t* positions, int64_t window,
+                   ThreadPool* pool);
 
 }  // namespace strata::kernels

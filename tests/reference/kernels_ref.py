@@ -97,7 +97,9 @@ def main():
             g, u = read(dir_, name, "gate", n), read(dir_, name, "up", n)
             out = torch.nn.functional.silu(g) * u
         elif op == "attention":
-            t, h, kvh, d, max_seq = args
+            # An optional sixth field is a sliding window: the last `window` keys, itself included.
+            t, h, kvh, d, max_seq = args[:5]
+            window = args[5] if len(args) > 5 else 0
             q = read(dir_, name, "q", t * h * d).reshape(t, h, d)
             kc = read(dir_, name, "k", max_seq * kvh * d).reshape(max_seq, kvh, d)
             vc = read(dir_, name, "v", max_seq * kvh * d).reshape(max_seq, kvh, d)
@@ -107,6 +109,8 @@ def main():
             v = vc.repeat_interleave(group, dim=1).transpose(0, 1)
             scores = torch.matmul(q.transpose(0, 1), k.transpose(1, 2)) / (d ** 0.5)  # [h, t, S]
             mask = torch.arange(max_seq)[None, :] > pos[:, None]  # [t, S]
+            if window > 0:
+                mask |= torch.arange(max_seq)[None, :] <= pos[:, None] - window
             scores = scores.masked_fill(mask[None], float("-inf"))
             out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(0, 1)  # [t, h, d]
         else:

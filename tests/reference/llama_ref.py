@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """PyTorch reference of a Llama forward pass, written from the Hugging Face modeling code's
-equations (RMSNorm in f32, rotate_half RoPE, GQA by repeat_interleave, causal softmax, SwiGLU),
+equations (RMSNorm in f32, rotate_half RoPE, GQA by repeat_interleave, causal softmax banded to
+the config's sliding_window where it has one, SwiGLU),
 independent of strata. Reads a Hugging Face folder (config.json + model.safetensors or a sharded
 index) and writes the logits of every position as raw little-endian f32 [n, vocab].
 
@@ -83,6 +84,10 @@ def forward(cfg, w, tokens):
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
     mask = torch.full((n, n), float("-inf")).triu(1)
+    window = cfg.get("sliding_window") or 0
+    if window > 0:
+        # Mistral: a query sees the last `window` keys, itself included (transformers' mask).
+        mask = mask + torch.full((n, n), float("-inf")).tril(-window)
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         h = rms_norm(x, w[p + "input_layernorm.weight"], eps)

@@ -4,6 +4,7 @@
     make_tiny_llama.py --out DIR [--shards 1|2] [--dtype f32|bf16] [--tied]
                        [--tokenizer EXISTING.model] [--seed 0]
                        [--hidden 64] [--layers 2] [--heads 4] [--kv-heads 2] [--intermediate 160]
+                       [--sliding-window W]
 
 DIR gets config.json, model.safetensors (or model-0000K-of-0000N.safetensors shards plus
 model.safetensors.index.json), tokenizer.model (trained here with SentencePiece's own trainer,
@@ -164,6 +165,8 @@ def main():
     ap.add_argument("--heads", type=int, default=HEADS)
     ap.add_argument("--kv-heads", type=int, default=KV_HEADS)
     ap.add_argument("--intermediate", type=int, default=INTERMEDIATE)
+    ap.add_argument("--sliding-window", type=int, default=0,
+                    help="write a Mistral-style config with this sliding_window (0: Llama)")
     args = ap.parse_args()
     if min(args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate) <= 0:
         ap.error("--hidden, --layers, --heads, --kv-heads and --intermediate must be positive")
@@ -203,6 +206,9 @@ def main():
         "eos_token_id": sp.eos_id(),
         "rope_scaling": None,
     }
+    if args.sliding_window > 0:
+        config.update({"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                       "sliding_window": args.sliding_window})
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
